@@ -1,0 +1,322 @@
+"""Typed configuration: the dataclasses below hold the only defaults.
+
+A run's config = defaults <- YAML recipe <- dotted `key=value` overrides, merged by OmegaConf
+structured configs, so an unknown key or a value of the wrong type is an error that names the key.
+Recipes are read with `yaml.safe_load` semantics (a `!!python/object` tag is refused). Invariants that
+span several keys are checked in `validate` once the world size is known.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A bad recipe, override or combination of values; the message names the key."""
+
+
+# ----------------------------------------------------------------------------- schema
+@dataclass
+class CropConfig:
+    """One random-resized-crop view: output side in px and the crop's area range (fraction of image)."""
+
+    size: int = 224
+    scale_min: float = 0.2
+    scale_max: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"  # any timm model name; built with num_classes=0 (pooled features)
+    # Projector Linear(feat, hidden)-ReLU-Linear(hidden, dim) with no BN, as in the official ImageNet code.
+    proj_hidden_dim: int = 4096
+    proj_dim: int = 512
+    # Extended ReSSL (TPAMI 2024), our reading: Linear-BN-ReLU-Linear on the student only.
+    predictor: bool = False
+    pred_hidden_dim: int = 4096
+    # CIFAR-style ResNet stem (3x3 stride-1 conv, no max-pool) for 32-64 px inputs; ResNets only.
+    small_input_stem: bool = False
+    compile: bool = False  # torch.compile the student and teacher networks too
+    sync_bn: bool = False  # reserved for the distributed issue's BN policy; must stay False for now
+
+
+@dataclass
+class MethodConfig:
+    queue_size: int = 131072  # K; must be a multiple of the global batch
+    tau_s: float = 0.1  # student temperature
+    tau_t: float = 0.04  # teacher (sharpened) temperature
+    momentum: float = 0.999  # teacher EMA momentum m: teacher <- m*teacher + (1-m)*student
+    momentum_schedule: str = "constant"  # constant | cosine (m -> momentum_end over the run)
+    momentum_end: float = 1.0
+    compile_loss: bool = True  # run ressl_loss through torch.compile; False = eager
+    # Extended ReSSL, our reading: InfoNCE (positive = teacher key of the same image, negatives = the
+    # queue) for the first `infonce_warmup_epochs`, then the relation loss.
+    infonce_warmup_epochs: float = 0.0
+    infonce_tau: float = 0.2
+    infonce_handover: str = "hard"  # hard | linear (relation weight ramps 0 -> 1 over the warm-up)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.05  # per 256 images; the run uses lr * global_batch / 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4  # not applied to norm and bias parameters
+    warmup_epochs: float = 5.0  # linear per-iteration warm-up, then half-cosine to min_lr
+    min_lr: float = 0.0
+    fused: Optional[bool] = None  # None = use torch's fused kernel where the device supports it
+
+
+@dataclass
+class AugmentConfig:
+    """The strong (student) view's colour pipeline, MoCo-v2 style; probabilities per image."""
+
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1  # fraction of the full hue circle as in torchvision (0.1 = +-36 degrees)
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma_min: float = 0.1
+    blur_sigma_max: float = 2.0
+    solarize_p: float = 0.0
+    solarize_threshold: float = 0.5  # on the [0, 1] intensity scale
+    flip_p: float = 0.5  # horizontal flip, both views
+
+
+@dataclass
+class DataConfig:
+    source: str = "folder"  # synthetic | folder | filelist | webdataset | embedded
+    loader: str = "dali"  # dali | torch (torchvision reference loader)
+    root: Optional[str] = None  # class-folder root, file-list base dir or shard dir
+    file_list: Optional[str] = None  # `path label` lines (source=filelist)
+    num_samples: int = 1281167  # synthetic source: images per epoch (ImageNet-1k train size)
+    num_classes: int = 1000  # synthetic source: label range
+    weak: CropConfig = field(default_factory=CropConfig)  # the one teacher view
+    strong: List[CropConfig] = field(default_factory=lambda: [CropConfig()])  # V student views
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    dtype: str = "fp16"  # loader output: fp16 | bf16 | fp32
+    num_threads: int = 4  # DALI CPU threads / torch DataLoader workers per rank
+    seed: int = 0  # shuffling and augmentation seed (combined with the epoch and rank)
+    # DALI on a GPU: share of JPEGs on the hardware decoder, and allocation hints for ImageNet.
+    hw_decoder_load: float = 0.65
+    device_memory_padding: int = 211025920
+    host_memory_padding: int = 140544512
+    preallocate_width_hint: int = 5980
+    preallocate_height_hint: int = 6430
+    prefetch_queue_depth: int = 2
+    max_bad_fraction: float = 0.01  # stop before training if more files than this share are bad
+    eval_resize: int = 256  # eval pipeline: shorter side, then center crop of weak.size
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 256  # global (all ranks); per rank = batch_size // world_size
+    precision: str = "bf16"  # bf16 | fp16 (with GradScaler) | fp32
+    channels_last: bool = True
+    seed: int = 0
+    deterministic: bool = False  # deterministic kernels (bitwise resume on GPU costs speed)
+    log_every: int = 50  # steps between host syncs for metrics
+    ckpt_every: int = 1000  # steps between checkpoints (and one at the end)
+    # Stop this invocation at this global step; schedules still span `epochs`. For smoke runs.
+    stop_at_step: Optional[int] = None
+
+
+@dataclass
+class RunConfig:
+    name: str = "ressl"  # run directory is runs/<name> unless `dir` is set
+    dir: Optional[str] = None
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# Keys that only steer one invocation; they may change on resume without changing the run.
+RUN_CONTROL_KEYS = ("train.stop_at_step", "train.log_every", "run.device")
+
+_CHOICES = {
+    "method.momentum_schedule": ("constant", "cosine"),
+    "method.infonce_handover": ("hard", "linear"),
+    "optim.name": ("sgd",),
+    "data.source": ("synthetic", "folder", "filelist", "webdataset", "embedded"),
+    "data.loader": ("dali", "torch"),
+    "data.dtype": ("fp16", "bf16", "fp32"),
+    "train.precision": ("bf16", "fp16", "fp32"),
+    "run.device": ("auto", "cpu", "cuda"),
+}
+
+
+# ----------------------------------------------------------------------------- loading
+class _SafeLoader(yaml.SafeLoader):
+    """safe_load semantics; only the plain YAML tags are understood."""
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not a safe YAML recipe: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=10)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.load(raw, Loader=_SafeLoader) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def _merge(base: DictConfig, data: dict, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, data)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{where}: bad key or value at '{key}': {msg}") from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: List[str] = (),
+                world_size: int = 1) -> Config:
+    """Defaults <- recipe file <- dotted overrides; validated. Returns a typed `Config` object."""
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        cfg = _merge(cfg, _read_yaml(Path(path)), str(path))
+        if OmegaConf.select(cfg, "run.name") == "ressl" and "name" not in _read_yaml(Path(path)).get("run", {}):
+            cfg.run.name = Path(path).stem
+    for item in overrides:
+        key, value = _parse_override(item)
+        cfg = _merge(cfg, _nest(key, value), f"override {item!r}")
+    obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(obj, world_size)
+    return obj
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Cross-key invariants; each error names the key(s) at fault."""
+    for key, allowed in _CHOICES.items():
+        value = get_key(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+
+    def check(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    t, m, d, o = cfg.train, cfg.method, cfg.data, cfg.optim
+    check(t.batch_size > 0, f"train.batch_size={t.batch_size} must be positive")
+    check(t.batch_size % world_size == 0,
+          f"train.batch_size={t.batch_size} (global) is not divisible by the world size {world_size}")
+    check(m.queue_size > 0 and m.queue_size % t.batch_size == 0,
+          f"method.queue_size={m.queue_size} must be a positive multiple of the global batch "
+          f"train.batch_size={t.batch_size}")
+    check(t.epochs > 0, f"train.epochs={t.epochs} must be positive")
+    check(t.log_every > 0, f"train.log_every={t.log_every} must be positive")
+    check(t.ckpt_every > 0, f"train.ckpt_every={t.ckpt_every} must be positive")
+    check(m.tau_s > 0 and m.tau_t > 0, "method.tau_s and method.tau_t must be positive")
+    check(m.infonce_tau > 0, "method.infonce_tau must be positive")
+    check(0.0 <= m.momentum <= 1.0, f"method.momentum={m.momentum} must lie in [0, 1]")
+    check(0.0 <= m.momentum_end <= 1.0, f"method.momentum_end={m.momentum_end} must lie in [0, 1]")
+    check(m.infonce_warmup_epochs >= 0, "method.infonce_warmup_epochs must be >= 0")
+    check(o.lr > 0, f"optim.lr={o.lr} must be positive")
+    check(o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
+    check(o.weight_decay >= 0, "optim.weight_decay must be >= 0")
+    check(len(d.strong) >= 1, "data.strong must list at least one student view")
+    for i, crop in enumerate([d.weak, *d.strong]):
+        name = "data.weak" if i == 0 else f"data.strong[{i - 1}]"
+        check(crop.size > 0, f"{name}.size={crop.size} must be positive")
+        check(0 < crop.scale_min <= crop.scale_max <= 1,
+              f"{name}: need 0 < scale_min <= scale_max <= 1, got {crop.scale_min}, {crop.scale_max}")
+    check(len(d.mean) == 3 and len(d.std) == 3, "data.mean and data.std need 3 values (RGB)")
+    for key in ("jitter_p", "grayscale_p", "blur_p", "solarize_p", "flip_p"):
+        p = getattr(d.augment, key)
+        check(0.0 <= p <= 1.0, f"data.augment.{key}={p} must be a probability in [0, 1]")
+    check(0 < d.augment.blur_sigma_min <= d.augment.blur_sigma_max,
+          "data.augment: need 0 < blur_sigma_min <= blur_sigma_max")
+    check(0 <= d.augment.hue <= 0.5, f"data.augment.hue={d.augment.hue} must lie in [0, 0.5]")
+    check(d.num_samples >= t.batch_size, f"data.num_samples={d.num_samples} is smaller than one "
+          f"global batch train.batch_size={t.batch_size}")
+    check(d.num_threads >= 1, "data.num_threads must be >= 1")
+    check(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction must lie in [0, 1]")
+    if d.source in ("folder", "webdataset"):
+        check(d.root is not None, f"data.source={d.source} needs data.root (a directory)")
+    if d.source == "filelist":
+        check(d.file_list is not None, "data.source=filelist needs data.file_list")
+    check(not cfg.model.sync_bn, "model.sync_bn is not implemented yet (distributed BN policy)")
+    if cfg.model.small_input_stem:
+        check(cfg.model.backbone.startswith("resnet"),
+              f"model.small_input_stem needs a ResNet backbone, not {cfg.model.backbone}")
+
+
+# ----------------------------------------------------------------------------- helpers
+def get_key(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what `config.yaml` in the run directory holds)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a typed config from `to_dict` output (e.g. from a checkpoint); validated by schema."""
+    cfg = _merge(OmegaConf.structured(Config), data, "stored config")
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def config_hash(cfg: Config) -> str:
+    """Hash of everything that defines the run (run-control keys excluded): refuses silent resumes
+    of a different experiment."""
+    data = to_dict(cfg)
+    for key in RUN_CONTROL_KEYS:
+        section, name = key.split(".")
+        data[section].pop(name, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
