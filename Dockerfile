@@ -1,0 +1,85 @@
+# fast_ressl training image.
+#
+#   docker build -t fast-ressl:0.1.0 .
+#   docker run --gpus all --ipc=host --ulimit memlock=-1 --stop-timeout 120 \
+#       -v /data/imagenet:/data:ro -v "$PWD/runs:/runs" fast-ressl:0.1.0 \
+#       train configs/imagenet_resnet50.yaml data.root=/data/train run.dir=/runs/rn50
+#
+# Base image: the CUDA "base" image (CUDA runtime + the NVIDIA container environment) plus the very
+# pip packages the README installs, rather than an NVIDIA NGC PyTorch container, because:
+#  - the requirement source stays setup.py, the same one `make venv`/CI installs, so the image runs
+#    the torch/torchvision/timm/DALI versions that CI tested (torch 2.14.x cu130, nvidia-dali-cuda130);
+#    an NGC container ships its own torch build, outside what CI tests, and replacing it would break
+#    the apex and DALI builds that are the reason to pick it;
+#  - the PyPI torch and DALI wheels carry their own CUDA libraries (cuBLAS, cuDNN, NCCL, nvJPEG as
+#    nvidia-* wheels), so only the CUDA runtime and the driver hooks are needed from the base:
+#    the "base" flavour (a few hundred MB) instead of an NGC image of ~10 GB or more;
+#  - NVIDIA_REQUIRE_CUDA in this base makes the container toolkit refuse a host driver too old for
+#    CUDA 13 with a clear message at `docker run`, instead of a late CUDA error in the trainer.
+# The cost: no apex. `optim.impl=apex` then falls back to timm's LAMB with a logged reason.
+# The tag pins CUDA 13.0.0 on Ubuntu 24.04 (matching the cu130 torch and DALI wheels); add the
+# digest shown by `docker buildx imagetools inspect` to pin it bit-for-bit in a release.
+FROM nvidia/cuda:13.0.0-base-ubuntu24.04
+
+# Distribution packages: python3 + venv (Ubuntu 24.04: Python 3.12, inside setup.py's >=3.10) and
+# tini, the init that forwards SIGTERM to the trainer and reaps loader worker processes.
+# Versions are not pinned (hadolint DL3008): the base tag fixes the Ubuntu release, and the Ubuntu
+# archive drops superseded point versions, so exact pins would break every rebuild after a security
+# update; none of these packages takes part in the numerics.
+ARG DEBIAN_FRONTEND=noninteractive
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv tini \
+    && rm -rf /var/lib/apt/lists/*
+
+# Ubuntu's python3 is "externally managed" (PEP 668): install into a virtualenv, as the README does.
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python3 -m venv /opt/venv
+
+WORKDIR /opt/fast_ressl
+# Dependencies first, from setup.py alone, so that code edits do not re-download torch: installing
+# the project with only setup.py present installs all its install_requires (an empty package).
+COPY setup.py ./
+RUN pip install --no-cache-dir .
+# Then the code itself, without touching the dependencies resolved above.
+COPY fast_ressl ./fast_ressl
+COPY pipelines_dali ./pipelines_dali
+RUN pip install --no-cache-dir --no-deps --force-reinstall . \
+    && rm -rf build ./*.egg-info
+
+# A non-root user. UID/GID default to 1000 (the usual first desktop user) so that files written to a
+# bind-mounted runs/ belong to that host user; rebuild with --build-arg UID=$(id -u) or run with
+# --user to match another one. Ubuntu 24.04 ships a user "ubuntu" with UID 1000: replace it.
+ARG UID=1000
+ARG GID=1000
+RUN if id ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
+    && groupadd --gid "$GID" ressl \
+    && useradd --uid "$UID" --gid "$GID" --create-home --shell /usr/sbin/nologin ressl \
+    && mkdir -p /workspace/runs /runs \
+    && chown ressl:ressl /workspace /workspace/runs /runs
+
+# Recipes are read relative to the working directory (`train configs/...`); runs/ defaults to
+# /workspace/runs unless run.dir points at a mounted volume such as /runs.
+WORKDIR /workspace
+COPY --chown=ressl:ressl configs ./configs
+
+# Compile caches (torch.compile/inductor, triton) under /tmp, writable for any --user UID.
+ENV TRITON_CACHE_DIR=/tmp/triton \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
+    TINI_SUBREAPER=1
+
+# Numeric (hadolint DL3066): resolvable even when the host has no such user name.
+USER ${UID}:${GID}
+
+# `docker stop` sends STOPSIGNAL to PID 1 (tini), which forwards it to the trainer, then SIGKILLs
+# after the grace period (`docker stop --time N` / `docker run --stop-timeout N`; default 10 s).
+# SIGTERM is the signal the trainer's preemption path is designed around: stop at the next step
+# boundary, write one checkpoint, exit 143; give it a grace period longer than a checkpoint save.
+STOPSIGNAL SIGTERM
+# Exec form: tini is PID 1 and the console script from setup.py receives signals directly (no shell).
+ENTRYPOINT ["/usr/bin/tini", "--", "fast-ressl"]
+CMD ["--help"]
