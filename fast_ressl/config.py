@@ -73,6 +73,12 @@ class OptimConfig:
     warmup_epochs: float = 5.0  # linear per-iteration warm-up, then half-cosine to min_lr
     min_lr: float = 0.0
     fused: Optional[bool] = None  # None = use torch's fused kernel where the device supports it
+    # Implementation: auto = torch for sgd/adamw, timm for lars/lamb; apex = NVIDIA apex FusedLAMB
+    # (lamb only; falls back to timm with a logged reason when apex or CUDA is missing).
+    impl: str = "auto"  # auto | torch | timm | apex (allowed per name: OPTIM_IMPLS)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw, lamb
+    eps: float = 1e-6  # adamw, lamb (LAMB's usual value; torch's AdamW default is 1e-8)
+    trust_coeff: float = 0.001  # lars: trust coefficient eta of the layer-wise LR
 
 
 @dataclass
@@ -118,6 +124,14 @@ class DataConfig:
     prefetch_queue_depth: int = 2
     max_bad_fraction: float = 0.01  # stop before training if more files than this share are bad
     eval_resize: int = 256  # eval pipeline: shorter side, then center crop of weak.size
+    # Bad files: decode everything once before the first epoch unless a denylist exists (see
+    # fast_ressl/datasets.py); denylist None = beside the data if writable, else ~/.cache/fast_ressl.
+    scan: bool = True
+    denylist: Optional[str] = None
+    # source=embedded: where the demo JPEG folders are materialised on first use (train/ and val/).
+    embedded_dir: str = "data/embedded"
+    shuffle_buffer: int = 4096  # source=webdataset: DALI reader's shuffle buffer (samples)
+    val_root: Optional[str] = None  # class folders for kNN/linear eval (embedded: <embedded_dir>/val)
 
 
 @dataclass
@@ -157,13 +171,19 @@ RUN_CONTROL_KEYS = ("train.stop_at_step", "train.log_every", "run.device")
 _CHOICES = {
     "method.momentum_schedule": ("constant", "cosine"),
     "method.infonce_handover": ("hard", "linear"),
-    "optim.name": ("sgd",),
+    "optim.name": ("sgd", "lars", "lamb", "adamw"),
+    "optim.impl": ("auto", "torch", "timm", "apex"),
     "data.source": ("synthetic", "folder", "filelist", "webdataset", "embedded"),
     "data.loader": ("dali", "torch"),
     "data.dtype": ("fp16", "bf16", "fp32"),
     "train.precision": ("bf16", "fp16", "fp32"),
     "run.device": ("auto", "cpu", "cuda"),
 }
+
+
+# Which optim.impl each optim.name can use (auto picks the first of the others).
+OPTIM_IMPLS = {"sgd": ("auto", "torch"), "adamw": ("auto", "torch"), "lars": ("auto", "timm"),
+               "lamb": ("auto", "timm", "apex")}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -262,6 +282,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     check(o.lr > 0, f"optim.lr={o.lr} must be positive")
     check(o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
     check(o.weight_decay >= 0, "optim.weight_decay must be >= 0")
+    check(o.impl in OPTIM_IMPLS[o.name], f"optim.impl={o.impl} is not available for optim.name={o.name} "
+          f"(use one of {', '.join(OPTIM_IMPLS[o.name])})")
+    check(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),
+          f"optim.betas={list(o.betas)} needs two values in [0, 1)")
+    check(o.eps > 0 and o.trust_coeff > 0, "optim.eps and optim.trust_coeff must be positive")
     check(len(d.strong) >= 1, "data.strong must list at least one student view")
     for i, crop in enumerate([d.weak, *d.strong]):
         name = "data.weak" if i == 0 else f"data.strong[{i - 1}]"
@@ -279,6 +304,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
           f"global batch train.batch_size={t.batch_size}")
     check(d.num_threads >= 1, "data.num_threads must be >= 1")
     check(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction must lie in [0, 1]")
+    check(d.eval_resize >= d.weak.size, f"data.eval_resize={d.eval_resize} must be >= data.weak.size")
     if d.source in ("folder", "webdataset"):
         check(d.root is not None, f"data.source={d.source} needs data.root (a directory)")
     if d.source == "filelist":

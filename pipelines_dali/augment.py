@@ -1,0 +1,114 @@
+"""ReSSL's views as plain DALI fn-graph functions: decoded uint8 HWC images in, normalised NHWC out.
+
+weak (teacher):    random resized crop -> horizontal flip -> normalise
+strong (student):  random resized crop -> colour jitter (p) -> grayscale (p) -> Gaussian blur (p)
+                   -> solarize (p, off by default) -> horizontal flip -> normalise
+
+Each op with a probability is made per-sample identity by its arguments instead of splitting the
+batch with conditionals (`docs: per-sample arguments that make an op an identity`):
+- jitter and grayscale are one fused `color_twist` (a linear colour transform): a sample that is not
+  jittered gets brightness = contrast = saturation = 1, hue = 0; a gray sample gets saturation 0
+  (luma replicated to 3 channels). Differences from torchvision's ColorJitter: DALI applies the four
+  factors in one fixed fused order (torchvision: random order), contrast pivots on mid-grey instead
+  of the image mean, and grayscale comes before the final clamp of the jitter. Hue is in degrees:
+  `augment.hue=0.1` of the circle is +-36 degrees.
+- blur: a sample that is not blurred gets sigma 1e-3 (a 1-tap kernel, an exact copy).
+- flip is fused into crop_mirror_normalize (`mirror`).
+
+With `debug=True` the per-sample decisions (0/1 floats) are returned too, for tests.
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence, Tuple
+
+import nvidia.dali.fn as fn
+import nvidia.dali.types as types
+
+# torchvision RandomResizedCrop's aspect-ratio range
+ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
+_NO_BLUR_SIGMA = 1e-3
+
+DALI_DTYPES = {"fp16": types.FLOAT16, "fp32": types.FLOAT, "bf16": types.FLOAT}  # bf16: cast in torch
+
+
+def coin(p: float):
+    """Per-sample 0/1 float with P(1) = p."""
+    return fn.cast(fn.random.coin_flip(probability=float(p)), dtype=types.FLOAT)
+
+
+def _factor(strength: float, apply):
+    """torchvision's factor ~ U[max(0, 1 - s), 1 + s] where applied, else 1."""
+    if strength <= 0:
+        return None
+    u = fn.random.uniform(range=[max(0.0, 1.0 - strength), 1.0 + strength])
+    return 1.0 + apply * (u - 1.0)
+
+
+def random_resized_crop(images, crop):
+    """crop: a CropConfig (size px, scale_min..scale_max of the image area). Bilinear, antialiased."""
+    return fn.random_resized_crop(images, size=[crop.size, crop.size],
+                                  random_area=[crop.scale_min, crop.scale_max],
+                                  random_aspect_ratio=list(ASPECT_RANGE),
+                                  interp_type=types.INTERP_LINEAR, antialias=True)
+
+
+def normalize(images, mean: Sequence[float], std: Sequence[float], dtype: str, flip_p: float):
+    """Flip (p) + (x/255 - mean)/std in one pass -> NHWC in the output dtype. Returns (images, flip)."""
+    flip = fn.random.coin_flip(probability=float(flip_p))
+    out = fn.crop_mirror_normalize(images, dtype=DALI_DTYPES[dtype], output_layout="HWC",
+                                   mean=[255.0 * m for m in mean], std=[255.0 * s for s in std],
+                                   mirror=flip)
+    return out, flip
+
+
+def weak_view(images, crop, aug, mean, std, dtype: str):
+    """The teacher's view: crop + flip + normalise, nothing else."""
+    out, _ = normalize(random_resized_crop(images, crop), mean, std, dtype, aug.flip_p)
+    return out
+
+
+def strong_view(images, crop, aug, mean, std, dtype: str, gpu: bool = False
+                ) -> Tuple[object, Dict[str, object]]:
+    """The student's view. aug: an AugmentConfig. Returns (images, per-sample decisions)."""
+    x = random_resized_crop(images, crop)
+    jitter = coin(aug.jitter_p)
+    gray = coin(aug.grayscale_p)
+    brightness = _factor(aug.brightness, jitter)
+    contrast = _factor(aug.contrast, jitter)
+    saturation = _factor(aug.saturation, jitter)
+    keep_colour = 1.0 - gray
+    saturation = keep_colour if saturation is None else saturation * keep_colour
+    kwargs = dict(saturation=saturation)
+    if brightness is not None:
+        kwargs["brightness"] = brightness
+    if contrast is not None:
+        kwargs["contrast"] = contrast
+    if aug.hue > 0:
+        kwargs["hue"] = jitter * fn.random.uniform(range=[-360.0 * aug.hue, 360.0 * aug.hue])
+    x = fn.color_twist(x, **kwargs)
+
+    blur = coin(aug.blur_p)
+    sigma = _NO_BLUR_SIGMA + blur * (fn.random.uniform(range=[aug.blur_sigma_min, aug.blur_sigma_max])
+                                     - _NO_BLUR_SIGMA)
+    x = fn.gaussian_blur(x, sigma=sigma)
+
+    decisions = {"jitter": jitter, "gray": gray, "blur": blur}
+    if aug.solarize_p > 0:
+        sol = coin(aug.solarize_p)
+        s = sol.gpu() if gpu else sol
+        xi = fn.cast(x, dtype=types.INT32)
+        mask = fn.cast(xi >= int(round(255 * aug.solarize_threshold)), dtype=types.INT32)
+        flat = fn.cast(s, dtype=types.INT32)
+        x = fn.cast(xi + mask * flat * (255 - 2 * xi), dtype=types.UINT8)
+        decisions["solarize"] = sol
+    out, flip = normalize(x, mean, std, dtype, aug.flip_p)
+    decisions["flip"] = flip
+    return out, decisions
+
+
+def center_view(images, size: int, resize_shorter: int, mean, std, dtype: str):
+    """Eval: resize the shorter side to `resize_shorter`, center crop `size`, normalise (no flip)."""
+    x = fn.resize(images, resize_shorter=resize_shorter, interp_type=types.INTERP_LINEAR, antialias=True)
+    return fn.crop_mirror_normalize(x, crop=[size, size], crop_pos_x=0.5, crop_pos_y=0.5,
+                                    dtype=DALI_DTYPES[dtype], output_layout="HWC",
+                                    mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])

@@ -1,0 +1,251 @@
+"""DALI loaders handing torch tensors to the training loop (the `fast_ressl.data.Batch` contract).
+
+Epochs. For file sources (folder, filelist, embedded) the loader builds one DALI pipeline per epoch:
+the good files are permuted with a generator seeded by (data.seed, epoch), rank r takes the r-th
+contiguous block of `steps_per_epoch * batch` files of the permutation, and the pipeline reads that
+block in order. So every epoch is a full reshuffle, the ranks' shards are disjoint, every rank has
+the same number of batches, and the files past the last full global batch (fewer than one global
+batch, different ones each epoch) are dropped. Augmentation RNG is seeded by (data.seed, epoch, rank).
+
+Webdataset shards are read by DALI's webdataset reader (shard_id/num_shards; the shard assignment
+rotates with the epoch), with its buffer shuffle (`data.shuffle_buffer` samples), so the per-epoch
+order is a local shuffle, not a full permutation; steps_per_epoch = (samples // world) // batch.
+
+Resume. Pipelines are built with `enable_checkpointing=True`; `state_dict()` holds the epoch, the
+batches already handed out in it and DALI's checkpoint string of the pipeline (reader position and
+every RNG) after the last batch handed out. `load_state_dict` rebuilds that epoch's pipeline from the
+string, so the next batches equal those of the uninterrupted run bit for bit.
+
+Output: DALI's NHWC buffers are taken by DALIGenericIterator through DLPack (no copy under the
+dynamic executor) and viewed as channels_last NCHW with permute(0, 3, 1, 2). bf16 is produced as
+fp32 by DALI (it has no bf16) and cast in torch (one copy).
+"""
+from __future__ import annotations
+
+import base64
+import os
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from fast_ressl.data import Batch, torch_dtype
+from fast_ressl.datasets import DataError, FileDataset, prepare_dataset
+
+from .pipeline import DEBUG_KEYS, eval_pipeline, train_pipeline
+
+
+def _device_id(device: torch.device) -> Optional[int]:
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """A 31-bit pipeline seed for (data.seed, epoch, rank)."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def parse_ascii_labels(raw: torch.Tensor) -> torch.Tensor:
+    """(N, 12) uint8 ASCII digits padded with spaces/newlines -> (N,) int64."""
+    raw = raw.reshape(raw.shape[0], -1).to(torch.int64)
+    digit = (raw >= 48) & (raw <= 57)
+    value = torch.zeros(raw.shape[0], dtype=torch.int64, device=raw.device)
+    for j in range(raw.shape[1]):
+        value = torch.where(digit[:, j], value * 10 + (raw[:, j] - 48), value)
+    return value
+
+
+def _to_torch_image(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """DALI NHWC -> channels_last NCHW view (cast only where DALI cannot produce the dtype)."""
+    x = x.permute(0, 3, 1, 2)
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+class DaliTrainLoader:
+    """Endless iterator of `Batch` for data.source folder | filelist | embedded | webdataset.
+
+    Attributes: steps_per_epoch (batches per epoch per rank), batch_size (per rank), dataset
+    (FileDataset of the good files; None for webdataset), bad_files (list[str], the skipped paths),
+    bad_reasons ({path: reason}). With debug=True, `last_debug` holds the per-sample decisions of the
+    first strong view of the last batch ({"jitter","gray","blur","flip"}: (N,) float tensors).
+    """
+
+    def __init__(self, cfg, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
+                 debug: bool = False, progress: bool = True):
+        self.cfg = cfg
+        self.data = cfg.data
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.gpu = self.device.type == "cuda"
+        self.debug = debug
+        self.batch_size = cfg.train.batch_size // world_size
+        self.dtype = torch_dtype(self.data.dtype)
+        self.dataset: Optional[FileDataset] = None
+        self.bad_files: List[str] = []
+        self.bad_reasons: Dict[str, str] = {}
+        if self.data.source == "webdataset":
+            from .webdataset import list_shards
+
+            self.wds_paths, self.wds_index, self.num_samples = list_shards(self.data.root)
+        else:
+            self.dataset = prepare_dataset(cfg, rank=rank, progress=progress and rank == 0)
+            self.bad_files = list(self.dataset.bad_files)
+            self.bad_reasons = dict(self.dataset.bad_reasons)
+            self.num_samples = len(self.dataset)
+        self.steps_per_epoch = (self.num_samples // world_size) // self.batch_size
+        if self.steps_per_epoch < 1:
+            raise DataError(f"{self.num_samples} good images are fewer than one global batch "
+                            f"train.batch_size={cfg.train.batch_size} (world size {world_size})")
+        self.output_map = (["x_weak"] + [f"x_strong{i}" for i in range(len(self.data.strong))]
+                           + ["labels"] + (list(DEBUG_KEYS) if debug else []))
+        self.epoch = 0
+        self.step_in_epoch = 0  # batches of `epoch` handed out
+        self._iter: Optional[DALIGenericIterator] = None
+        self._pipe = None
+        self._restore: Optional[str] = None  # a pipeline checkpoint to build the next pipeline from
+        self.last_debug: Dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ pipelines
+    def epoch_files(self, epoch: int) -> tuple[List[str], List[int]]:
+        """This rank's files of `epoch`, in reading order."""
+        ds = self.dataset
+        perm = np.random.default_rng([self.data.seed, epoch]).permutation(len(ds))
+        per_rank = self.steps_per_epoch * self.batch_size
+        block = perm[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return [ds.files[i] for i in block], [ds.labels[i] for i in block]
+
+    def _build(self, epoch: int, checkpoint: Optional[str]) -> None:
+        self._close()
+        common = dict(batch_size=self.batch_size, num_threads=self.data.num_threads,
+                      device_id=_device_id(self.device), seed=_epoch_seed(self.data.seed, epoch, self.rank),
+                      prefetch_queue_depth=self.data.prefetch_queue_depth,
+                      enable_checkpointing=True, checkpoint=checkpoint)
+        if self.data.source == "webdataset":
+            pipe = train_pipeline(self.data, "webdataset", gpu=self.gpu, debug=self.debug,
+                                  wds_paths=self.wds_paths, wds_index=self.wds_index,
+                                  shard_id=(self.rank + epoch) % self.world_size,
+                                  num_shards=self.world_size, shuffle_buffer=self.data.shuffle_buffer,
+                                  **common)
+        else:
+            files, labels = self.epoch_files(epoch)
+            pipe = train_pipeline(self.data, "files", gpu=self.gpu, debug=self.debug, files=files,
+                                  labels=labels, **common)
+        pipe.build()
+        self._pipe = pipe
+        self._iter = DALIGenericIterator(pipe, self.output_map, size=-1, auto_reset=False,
+                                         prepare_first_batch=False)
+
+    def _close(self) -> None:
+        self._iter = None
+        if self._pipe is not None:
+            del self._pipe
+            self._pipe = None
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            yield self.next_batch()
+
+    def __next__(self) -> Batch:
+        return self.next_batch()
+
+    def next_batch(self) -> Batch:
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self._close()
+        if self._iter is None:
+            self._build(self.epoch, base64.b64decode(self._restore) if self._restore else None)
+            self._restore = None
+        out = next(self._iter)[0]
+        self.step_in_epoch += 1
+        labels = out["labels"]
+        if self.data.source == "webdataset":
+            labels = parse_ascii_labels(labels)
+        else:
+            labels = labels.reshape(-1).to(torch.int64)
+        if self.debug:
+            self.last_debug = {k: out[k].reshape(-1).float() for k in DEBUG_KEYS}
+        return Batch(x_weak=_to_torch_image(out["x_weak"], self.dtype),
+                     x_strong=[_to_torch_image(out[f"x_strong{i}"], self.dtype)
+                               for i in range(len(self.data.strong))],
+                     labels=labels)
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        """Plain types only (survives torch.save + torch.load(weights_only=True))."""
+        if self.step_in_epoch >= self.steps_per_epoch:  # at an epoch boundary: no pipeline state
+            return {"epoch": self.epoch + 1, "step_in_epoch": 0, "pipeline": ""}
+        if self._iter is None:  # nothing handed out since build/restore
+            return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                    "pipeline": self._restore or ""}
+        cpt = base64.b64encode(self._iter.checkpoints()[0]).decode("ascii")  # protobuf bytes -> str
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "pipeline": cpt}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._close()
+        self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+        self._restore = str(state.get("pipeline") or "") or None  # base64 of DALI's checkpoint
+        if self.step_in_epoch > 0 and self._restore is None:
+            raise ValueError("loader state has batches handed out but no DALI pipeline checkpoint")
+
+
+class DaliEvalLoader:
+    """One pass over a class-folder root (or a FileDataset): (images, labels) batches.
+
+    Images: resize the shorter side to data.eval_resize, center crop data.weak.size (or `size`),
+    normalise; channels_last NCHW in data.dtype. Every file is seen exactly once (the last batch is
+    smaller); with world_size > 1 each rank sees its shard. Bad files are skipped via the denylist
+    scan like training (`bad_files`).
+    """
+
+    def __init__(self, cfg, root: str | FileDataset, device: torch.device | str = "cpu",
+                 batch_size: int = 256, rank: int = 0, world_size: int = 1,
+                 size: Optional[int] = None, resize_shorter: Optional[int] = None, progress: bool = True):
+        d = cfg.data
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = torch_dtype(d.dtype)
+        if isinstance(root, FileDataset):
+            ds = root
+        else:
+            import copy
+
+            sub = copy.deepcopy(cfg)
+            sub.data.source, sub.data.root = "folder", os.fspath(root)
+            sub.data.denylist = None
+            ds = prepare_dataset(sub, rank=rank, progress=progress)
+        self.dataset = ds
+        self.bad_files = list(ds.bad_files)
+        self.batch_size = min(batch_size, max(1, len(ds)))
+        self.rank, self.world_size = rank, world_size
+        self.size = size or d.weak.size
+        self.resize_shorter = resize_shorter or d.eval_resize
+        n = len(ds)
+        self.shard_size = n * (rank + 1) // world_size - n * rank // world_size  # DALI's split
+
+    def __len__(self) -> int:
+        return -(-self.shard_size // self.batch_size)
+
+    def __iter__(self):
+        d = self.cfg.data
+        pipe = eval_pipeline(d, self.dataset.files, self.dataset.labels, self.size, self.resize_shorter,
+                             gpu=self.device.type == "cuda", shard_id=self.rank,
+                             num_shards=self.world_size, batch_size=self.batch_size,
+                             num_threads=d.num_threads, device_id=_device_id(self.device), seed=d.seed)
+        pipe.build()
+        it = DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
+                                 last_batch_policy=_partial(), last_batch_padded=True)
+        for out in it:
+            out = out[0]
+            yield _to_torch_image(out["images"], self.dtype), out["labels"].reshape(-1).to(torch.int64)
+        del it, pipe
+
+
+def _partial():
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+
+    return LastBatchPolicy.PARTIAL
