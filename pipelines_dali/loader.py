@@ -238,7 +238,7 @@ class DaliEvalLoader:
                              num_threads=d.num_threads, device_id=_device_id(self.device), seed=d.seed)
         pipe.build()
         it = DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
-                                 last_batch_policy=_partial(), last_batch_padded=True)
+                                 last_batch_policy=_partial())
         for out in it:
             out = out[0]
             yield _to_torch_image(out["images"], self.dtype), out["labels"].reshape(-1).to(torch.int64)

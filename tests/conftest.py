@@ -1,0 +1,112 @@
+"""Shared fixtures: tiny generated JPEG class folders, with odd-but-valid and bad files on demand."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pytest
+
+
+def _smooth_image(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+    """A colourful, smooth random image (gradients + blobs + a little noise), uint8 HxWx3."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    for c in range(3):
+        a, b, ph = rng.uniform(-3, 3), rng.uniform(-3, 3), rng.uniform(0, 6.28)
+        img[..., c] = 128 + 90 * np.sin(a * xx / w * 3.14 + b * yy / h * 3.14 + ph)
+    for _ in range(3):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(4, max(5, min(w, h) / 3))
+        mask = ((xx - cx) ** 2 + (yy - cy) ** 2) < r * r
+        img[mask] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 6, img.shape)
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def make_jpeg_folder(root: Path, classes: int = 3, per_class: int = 16, size=(64, 48), seed: int = 0,
+                     quality: int = 90, vary_size: bool = True) -> List[str]:
+    """root/<class_k>/img_<i>.JPEG; returns the file paths (sorted as listing gives them)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for c in range(classes):
+        d = root / f"class_{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            w, h = size
+            if vary_size:
+                w, h = int(w * rng.uniform(0.8, 1.25)), int(h * rng.uniform(0.8, 1.25))
+            p = d / f"img_{i:03d}.JPEG"
+            Image.fromarray(_smooth_image(rng, w, h)).save(p, quality=quality)
+            paths.append(str(p))
+    return sorted(paths)
+
+
+def add_odd_files(folder: Path, seed: int = 1) -> Dict[str, str]:
+    """Odd but valid files in `folder`: {kind: path}. EXIF-rotated: stored 48x32, orientation 6."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = Image.fromarray(_smooth_image(rng, 48, 32))
+    out = {}
+    out["cmyk"] = str(folder / "odd_cmyk.JPEG")
+    rgb.convert("CMYK").save(out["cmyk"], quality=90)
+    out["gray"] = str(folder / "odd_gray.JPEG")
+    rgb.convert("L").save(out["gray"], quality=90)
+    out["png"] = str(folder / "odd_png.JPEG")
+    rgb.save(out["png"], format="PNG")
+    out["exif"] = str(folder / "odd_exif.JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW to display -> 32 wide, 48 high
+    rgb.save(out["exif"], quality=90, exif=exif.tobytes())
+    return out
+
+
+def add_bad_files(folder: Path, seed: int = 2) -> Dict[str, str]:
+    """Bad files in `folder`: {kind: path} (truncated JPEG, zero-byte, text named .JPEG)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.fromarray(_smooth_image(rng, 64, 48)).save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    out = {"truncated": str(folder / "bad_truncated.JPEG"), "empty": str(folder / "bad_empty.JPEG"),
+           "text": str(folder / "bad_text.JPEG")}
+    Path(out["truncated"]).write_bytes(data[: len(data) // 2])
+    Path(out["empty"]).write_bytes(b"")
+    Path(out["text"]).write_text("this is not an image\n" * 20)
+    return out
+
+
+@pytest.fixture
+def jpeg_folder(tmp_path) -> Path:
+    """3 classes x 16 clean JPEGs of about 64x48 px."""
+    root = tmp_path / "images"
+    make_jpeg_folder(root)
+    return root
+
+
+@pytest.fixture
+def messy_folder(tmp_path):
+    """3 classes x 16 clean JPEGs + 4 odd-but-valid (class_0) + 3 bad files (class_1).
+
+    Returns (root, odd {kind: path}, bad {kind: path})."""
+    root = tmp_path / "messy"
+    make_jpeg_folder(root)
+    odd = add_odd_files(root / "class_0")
+    bad = add_bad_files(root / "class_1")
+    return root, odd, bad
+
+
+def tiny_overrides(root: os.PathLike | str, **extra) -> List[str]:
+    """Overrides for a fast CPU loader at 32 px."""
+    base = {"data.source": "folder", "data.root": str(root), "data.weak.size": 32,
+            "data.strong": "[{size: 32}]", "train.batch_size": 8, "method.queue_size": 64,
+            "data.num_threads": 2, "data.max_bad_fraction": 0.2}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -1,0 +1,280 @@
+"""DALI pipelines on CPU (device_id=None) over tiny generated JPEG folders: contract, augmentations,
+sharding, resume, bad files, eval."""
+from __future__ import annotations
+
+import io
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali")
+
+from conftest import make_jpeg_folder, tiny_overrides  # noqa: E402
+from fast_ressl.config import load_config  # noqa: E402
+from fast_ressl.datasets import DataError, list_folder, read_denylist  # noqa: E402
+from pipelines_dali.loader import DaliEvalLoader, DaliTrainLoader, parse_ascii_labels  # noqa: E402
+
+CPU = torch.device("cpu")
+OFF = {"data.augment.jitter_p": 0.0, "data.augment.grayscale_p": 0.0, "data.augment.blur_p": 0.0,
+       "data.augment.flip_p": 0.0}
+
+
+def _cfg(root, **extra):
+    return load_config(None, tiny_overrides(root, **extra))
+
+
+def _loader(root, rank=0, world=1, debug=False, **extra):
+    return DaliTrainLoader(_cfg(root, **extra), rank, world, CPU, debug=debug, progress=False)
+
+
+def _unnormalise(x: torch.Tensor, cfg) -> torch.Tensor:
+    mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    return x.float() * std + mean
+
+
+def _is_gray(x01: torch.Tensor, tol: float = 0.02) -> torch.Tensor:
+    """(N,) bool: R, G and B equal everywhere (up to fp16 rounding) in a [0, 1] image batch."""
+    d = (x01[:, 0] - x01[:, 1]).abs().amax((1, 2)) + (x01[:, 1] - x01[:, 2]).abs().amax((1, 2))
+    return d < tol
+
+
+# ----------------------------------------------------------------------------- contract
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_batch_contract_shapes_dtype_layout_range(jpeg_folder, dtype):
+    L = _loader(jpeg_folder, **{"data.dtype": dtype,
+                                "data.strong": "[{size: 32}, {size: 16, scale_min: 0.1, scale_max: 0.5}]"})
+    assert L.steps_per_epoch == 48 // 8 and L.bad_files == []
+    b = next(iter(L))
+    want = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    for x, size in [(b.x_weak, 32), (b.x_strong[0], 32), (b.x_strong[1], 16)]:
+        assert x.shape == (8, 3, size, size) and x.dtype == want and x.device.type == "cpu"
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert x.stride() == (size * size * 3, 1, size * 3, 3)
+        x01 = _unnormalise(x, L.cfg)
+        assert x01.min() >= -0.02 and x01.max() <= 1.02
+        assert x01.std() > 0.05  # real image content, not a constant
+    assert b.labels.dtype == torch.int64 and b.labels.shape == (8,)
+    assert 0 <= b.labels.min() and b.labels.max() <= 2
+
+
+def test_fp16_output_is_a_view_of_dali_nhwc_memory(jpeg_folder):
+    L = _loader(jpeg_folder)
+    b = next(iter(L))
+    nhwc = b.x_weak.permute(0, 2, 3, 1)
+    assert nhwc.is_contiguous()  # the NCHW tensor is a permuted view of a dense NHWC buffer
+
+
+def test_views_of_one_image_differ_in_crop(jpeg_folder):
+    L = _loader(jpeg_folder, **OFF)  # no colour ops, no flips: only the crops can differ
+    b = next(iter(L))
+    diff = (b.x_weak.float() - b.x_strong[0].float()).abs().flatten(1).amax(1)
+    assert (diff > 0.1).all()
+
+
+def test_labels_follow_the_files(jpeg_folder):
+    L = _loader(jpeg_folder)
+    files, labels = L.epoch_files(0)
+    got = torch.cat([next(L).labels for _ in range(L.steps_per_epoch)])
+    assert got.tolist() == labels
+    want = {f: lab for f, lab in zip(L.dataset.files, L.dataset.labels)}
+    assert all(want[f] == lab for f, lab in zip(files, labels))
+    assert all(os.path.basename(os.path.dirname(f)) == f"class_{lab}" for f, lab in zip(files, labels))
+
+
+# ----------------------------------------------------------------------------- augmentations
+def test_weak_view_never_jittered_or_gray(jpeg_folder):
+    on = _loader(jpeg_folder, **{"data.augment.jitter_p": 1.0, "data.augment.grayscale_p": 1.0,
+                                 "data.augment.blur_p": 1.0, "data.augment.solarize_p": 1.0})
+    off = _loader(jpeg_folder, **{"data.augment.jitter_p": 0.0, "data.augment.grayscale_p": 0.0,
+                                  "data.augment.blur_p": 0.0})
+    for _ in range(3):
+        a, b = next(on), next(off)
+        assert torch.equal(a.x_weak, b.x_weak)  # the strong view's colour ops never touch it
+        assert not _is_gray(_unnormalise(a.x_weak, on.cfg)).any()
+        assert _is_gray(_unnormalise(a.x_strong[0], on.cfg)).all()
+        assert not torch.equal(a.x_strong[0], b.x_strong[0])
+
+
+def _strong(root, n_batches=3, **aug):
+    L = _loader(root, **{**OFF, **{f"data.augment.{k}": v for k, v in aug.items()}})
+    return torch.cat([next(L).x_strong[0].float() for _ in range(n_batches)])
+
+
+def test_each_strong_op_in_isolation(jpeg_folder):
+    base = _strong(jpeg_folder)
+    # the crop op's seed does not depend on the later ops, so the crops are identical
+    blurred = _strong(jpeg_folder, blur_p=1.0, blur_sigma_min=1.5, blur_sigma_max=2.0)
+
+    def roughness(x):
+        return (x[..., 1:] - x[..., :-1]).abs().mean()
+
+    assert roughness(blurred) < 0.7 * roughness(base)
+    jittered = _strong(jpeg_folder, jitter_p=1.0)
+    assert (jittered - base).abs().flatten(1).amax(1).min() > 0.02
+    gray = _strong(jpeg_folder, grayscale_p=1.0)
+    cfg = _cfg(jpeg_folder)
+    assert _is_gray(_unnormalise(gray, cfg)).all() and not _is_gray(_unnormalise(base, cfg)).any()
+    # solarize with threshold 0: every pixel inverted -> x01 -> 1 - x01
+    sol = _strong(jpeg_folder, n_batches=1, solarize_p=1.0, solarize_threshold=0.0)
+    assert torch.allclose(_unnormalise(sol, cfg), 1 - _unnormalise(base[:8], cfg), atol=0.02)
+
+
+def test_strong_rates_match_probabilities(jpeg_folder):
+    L = _loader(jpeg_folder, debug=True)  # default recipe: jitter 0.8, gray 0.2, blur 0.5, flip 0.5
+    dec = {k: [] for k in ("jitter", "gray", "blur", "flip")}
+    gray_px = []
+    for _ in range(4 * L.steps_per_epoch):  # 4 epochs x 48 images = 192 samples
+        b = next(L)
+        for k in dec:
+            dec[k].append(L.last_debug[k])
+        gray_px.append(_is_gray(_unnormalise(b.x_strong[0], L.cfg)))
+    n = 4 * 48
+    a = L.cfg.data.augment
+    for k, p in [("jitter", a.jitter_p), ("gray", a.grayscale_p), ("blur", a.blur_p), ("flip", a.flip_p)]:
+        rate = torch.cat(dec[k]).mean().item()
+        assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / n), (k, rate, p)
+    # the decision is what happened to the pixels: gray exactly where decided
+    assert torch.equal(torch.cat(gray_px), torch.cat(dec["gray"]).bool())
+
+
+# ----------------------------------------------------------------------------- sharding, epochs
+def test_two_shards_disjoint_cover_and_equal_batches(jpeg_folder):
+    ranks = [_loader(jpeg_folder, rank=r, world=2) for r in range(2)]  # global batch 8 -> 4 per rank
+    assert ranks[0].batch_size == 4 and ranks[0].steps_per_epoch == ranks[1].steps_per_epoch == 6
+    for epoch in range(2):
+        shard = [set(L.epoch_files(epoch)[0]) for L in ranks]
+        assert not shard[0] & shard[1]
+        assert shard[0] | shard[1] == set(ranks[0].dataset.files)
+    # actually read one epoch on each rank: 6 batches, labels in shard order
+    for L in ranks:
+        got = torch.cat([next(L).labels for _ in range(L.steps_per_epoch)])
+        assert got.tolist() == L.epoch_files(0)[1]
+        assert L.epoch == 0 and L.state_dict()["epoch"] == 1
+
+
+def test_every_epoch_is_reshuffled_and_drops_the_partial_batch(tmp_path):
+    root = tmp_path / "odd_count"
+    make_jpeg_folder(root, classes=2, per_class=11)  # 22 images, global batch 8 -> 2 steps, 6 dropped
+    L = _loader(root)
+    assert L.steps_per_epoch == 2
+    e0, e1 = L.epoch_files(0)[0], L.epoch_files(1)[0]
+    assert len(e0) == 16 and e0 != e1
+    labels = [next(L).labels for _ in range(2 * L.steps_per_epoch)]
+    assert torch.cat(labels[2:]).tolist() == L.epoch_files(1)[1] and L.epoch == 1
+
+
+# ----------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("stop_after", [2, 6, 7])  # mid-epoch, at the epoch boundary, into epoch 2
+def test_restore_gives_identical_next_batches(jpeg_folder, stop_after):
+    ref = _loader(jpeg_folder)
+    for _ in range(stop_after):
+        next(ref)
+    buf = io.BytesIO()
+    torch.save({"loader": ref.state_dict()}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)["loader"]
+    want = [next(ref) for _ in range(3)]
+    resumed = _loader(jpeg_folder)
+    resumed.load_state_dict(state)
+    for a, b in zip(want, (next(resumed) for _ in range(3))):
+        assert torch.equal(a.x_weak, b.x_weak) and torch.equal(a.x_strong[0], b.x_strong[0])
+        assert torch.equal(a.labels, b.labels)
+
+
+# ----------------------------------------------------------------------------- bad files
+def test_bad_files_skipped_and_listed_odd_files_kept(messy_folder):
+    root, odd, bad = messy_folder
+    L = _loader(root)
+    assert sorted(L.bad_files) == sorted(bad.values())
+    assert set(odd.values()) <= set(L.dataset.files) and len(L.dataset) == 48 + 4
+    assert "truncated" in L.bad_reasons[bad["truncated"]] and "zero-byte" in L.bad_reasons[bad["empty"]]
+    num, denied = read_denylist(os.path.join(root, ".fast_ressl_denylist.json"))
+    assert num == 48 + 4 + 3 and sorted(denied) == sorted(bad.values())
+    for _ in range(L.steps_per_epoch * 2):  # every good file decodes in DALI, odd ones included
+        b = next(L)
+        assert torch.isfinite(b.x_weak.float()).all()
+
+
+def test_odd_files_decode_to_rgb_like_pil(messy_folder):
+    from nvidia.dali import fn, pipeline_def, types
+
+    from fast_ressl.datasets import pil_rgb
+
+    _, odd, _ = messy_folder
+    files = list(odd.values())
+
+    @pipeline_def(batch_size=len(files), num_threads=1, device_id=None)
+    def decode():
+        enc, _ = fn.readers.file(files=files)
+        return fn.decoders.image(enc, device="cpu", output_type=types.RGB)
+
+    pipe = decode()
+    pipe.build()
+    (out,) = pipe.run()
+    for i, (kind, path) in enumerate(odd.items()):
+        got, want = np.array(out[i]), np.asarray(pil_rgb(path))
+        assert got.shape == want.shape and got.shape[2] == 3, kind
+        assert np.abs(got.astype(int) - want).mean() < 2.0, kind
+    assert np.array(out[files.index(odd["exif"])]).shape[:2] == (48, 32)  # rotated by EXIF
+
+
+def test_existing_denylist_is_used_without_rescanning(messy_folder, monkeypatch):
+    root, _, bad = messy_folder
+    _loader(root)  # scans and writes the denylist
+    import fast_ressl.datasets as datasets
+
+    monkeypatch.setattr(datasets, "scan_files", lambda *a, **k: pytest.fail("rescanned"))
+    assert sorted(_loader(root).bad_files) == sorted(bad.values())
+
+
+def test_class_with_nothing_decodable_stops_naming_the_folder(tmp_path):
+    root = tmp_path / "d"
+    make_jpeg_folder(root, classes=2, per_class=8)
+    from conftest import add_bad_files
+
+    add_bad_files(root / "class_9")
+    with pytest.raises(DataError, match="class_9"):
+        _loader(root, **{"data.max_bad_fraction": 0.5})
+
+
+def test_bad_share_over_limit_stops(messy_folder):
+    root, _, _ = messy_folder
+    with pytest.raises(DataError, match="max_bad_fraction"):
+        _loader(root, **{"data.max_bad_fraction": 0.01})
+
+
+def test_unreadable_folder_stops_naming_it(jpeg_folder, monkeypatch):
+    target = str(jpeg_folder / "class_1")
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == target:
+            raise PermissionError(13, "Permission denied", target)
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match="class_1"):
+        list_folder(jpeg_folder)
+
+
+# ----------------------------------------------------------------------------- eval, helpers
+def test_eval_loader_sees_every_file_once_center_crop(jpeg_folder):
+    cfg = _cfg(jpeg_folder, **{"data.eval_resize": 40})
+    E = DaliEvalLoader(cfg, str(jpeg_folder), CPU, batch_size=20, progress=False)
+    xs, ys = zip(*list(E))
+    assert [x.shape[0] for x in xs] == [20, 20, 8] and len(E) == 3
+    x = torch.cat(xs)
+    assert x.shape == (48, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.cat(ys).tolist() == E.dataset.labels
+    again = torch.cat([x for x, _ in E])
+    assert torch.equal(x, again)  # deterministic
+
+
+def test_parse_ascii_labels():
+    raw = torch.tensor([list(b"17\n         "), list(b"0           "), list(b"  205       ")],
+                       dtype=torch.uint8)
+    assert parse_ascii_labels(raw).tolist() == [17, 0, 205]
