@@ -59,17 +59,21 @@ ARG GID=1000
 RUN if id ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
     && groupadd --gid "$GID" ressl \
     && useradd --uid "$UID" --gid "$GID" --create-home --shell /usr/sbin/nologin ressl \
-    && mkdir -p /workspace/runs /runs \
-    && chown ressl:ressl /workspace /workspace/runs /runs
+    && mkdir -p /workspace/runs /runs /cache \
+    && chown ressl:ressl /workspace /workspace/runs /runs /cache \
+    && chmod 1777 /cache
 
 # Recipes are read relative to the working directory (`train configs/...`); runs/ defaults to
 # /workspace/runs unless run.dir points at a mounted volume such as /runs.
 WORKDIR /workspace
 COPY --chown=ressl:ressl configs ./configs
 
-# Compile caches (torch.compile/inductor, triton) under /tmp, writable for any --user UID.
-ENV TRITON_CACHE_DIR=/tmp/triton \
-    TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
+# Caches in /cache (writable for any --user UID): the bad-file denylist of a read-only dataset
+# (fast_ressl/datasets.py writes it under XDG_CACHE_HOME) and the torch.compile/triton kernels. Mount
+# a host folder there (-v "$PWD/cache:/cache") so the next container skips the scan and reuses compiled kernels.
+ENV XDG_CACHE_HOME=/cache \
+    TRITON_CACHE_DIR=/cache/triton \
+    TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
     TINI_SUBREAPER=1
 
 # Numeric (hadolint DL3066): resolvable even when the host has no such user name.

@@ -213,6 +213,33 @@ def copy_sources(instrs: List[Instruction]) -> List[str]:
     return out
 
 
+def pip_install_targets(instrs: List[Instruction]) -> List[List[str]]:
+    """For each `pip install` in a RUN, its non-option arguments (what it installs)."""
+    out = []
+    for ins in instrs:
+        if ins.cmd != "RUN":
+            continue
+        for command in re.split(r"&&|\|\||;", ins.args):
+            words = command.split()
+            for i in range(len(words) - 1):
+                if PurePosixPath(words[i]).name.startswith("pip") and words[i + 1] == "install" \
+                        or words[i:i + 3] == ["-m", "pip", "install"]:
+                    rest = words[i + 2:] if words[i + 1] == "install" else words[i + 3:]
+                    args, skip = [], False
+                    for w in rest:
+                        if skip:
+                            skip = False
+                        elif w in ("-r", "--requirement", "-c", "--constraint", "-e", "--editable"):
+                            args.append(w)  # another requirement source: reported, never skipped
+                        elif w.startswith("-"):
+                            skip = w in ("-i", "--index-url", "--extra-index-url", "-f", "--find-links")
+                        else:
+                            args.append(w)
+                    out.append(args)
+                    break
+    return out
+
+
 # ----------------------------------------------------------------------------- .dockerignore
 def _glob_regex(pattern: str) -> str:
     """A .dockerignore pattern (Go filepath.Match plus `**`) as a regex over '/'-separated paths."""
@@ -300,6 +327,15 @@ def test_entrypoint_is_exec_form_and_names_the_console_script(instrs):
 
 def test_stop_signal_is_sigterm(instrs):
     assert stop_signal(instrs) in ("SIGTERM", "15")
+
+
+def test_pip_installs_only_this_project_from_setup_py(instrs):
+    """The README's requirement source is setup.py (`pip install -e '.[dev]'`): the image installs
+    `.` and nothing named separately, so it cannot drift from what CI tests."""
+    installs = pip_install_targets(instrs)
+    assert installs, "the image never pip-installs the project"
+    for args in installs:
+        assert args == ["."], f"pip install {' '.join(args)}: install the project (.) only"
 
 
 def test_copy_sources_exist_and_are_in_the_context(instrs):
@@ -453,6 +489,17 @@ def test_parser_joins_continuations_and_skips_comments():
 def test_copy_sources_skip_stage_copies_and_flags():
     ins = _one("FROM a:1\nCOPY --chown=1:1 src ./src\nCOPY --from=b /x /x\nCOPY [\"a b\", \"c\", \"/d/\"]\n")
     assert copy_sources(ins) == ["src", "a b", "c"]
+
+
+@pytest.mark.parametrize("run,targets", [
+    ("RUN pip install --no-cache-dir .", [["."]]),
+    ("RUN python3 -m venv /v && /v/bin/pip install --no-deps --force-reinstall .", [["."]]),
+    ("RUN pip install torch==2.3 . && pip install -r requirements.txt", [["torch==2.3", "."], ["-r", "requirements.txt"]]),
+    ("RUN python -m pip install --index-url http://x/simple apex", [["apex"]]),
+    ("RUN echo pip", []),
+])
+def test_pip_install_targets(run, targets):
+    assert pip_install_targets(_one("FROM a:1\n" + run + "\n")) == targets
 
 
 def test_dockerignore_matcher():
