@@ -142,6 +142,16 @@ def list_source(cfg) -> FileDataset:
     raise DataError(f"data.source={d.source} has no file listing")
 
 
+def epoch_block(n: int, seed: int, epoch: int, rank: int, per_rank: int) -> List[int]:
+    """Indices rank `rank` reads in `epoch`, in order: the rank-th block of `per_rank` indices of a
+    full permutation of range(n) seeded by (seed, epoch). Blocks of different ranks are disjoint; the
+    indices past world * per_rank (less than one global batch) are dropped for this epoch."""
+    import numpy as np
+
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[rank * per_rank:(rank + 1) * per_rank].tolist()
+
+
 # ----------------------------------------------------------------------------- scanning
 def check_image(path: str) -> Optional[str]:
     """Fully decode one file; None if it is a usable image, else the reason it is bad."""

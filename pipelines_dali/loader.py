@@ -31,7 +31,7 @@ import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from fast_ressl.data import Batch, torch_dtype
-from fast_ressl.datasets import DataError, FileDataset, prepare_dataset
+from fast_ressl.datasets import DataError, FileDataset, epoch_block, prepare_dataset
 
 from .pipeline import DEBUG_KEYS, eval_pipeline, train_pipeline
 
@@ -111,9 +111,7 @@ class DaliTrainLoader:
     def epoch_files(self, epoch: int) -> tuple[List[str], List[int]]:
         """This rank's files of `epoch`, in reading order."""
         ds = self.dataset
-        perm = np.random.default_rng([self.data.seed, epoch]).permutation(len(ds))
-        per_rank = self.steps_per_epoch * self.batch_size
-        block = perm[self.rank * per_rank:(self.rank + 1) * per_rank]
+        block = epoch_block(len(ds), self.data.seed, epoch, self.rank, self.steps_per_epoch * self.batch_size)
         return [ds.files[i] for i in block], [ds.labels[i] for i in block]
 
     def _build(self, epoch: int, checkpoint: Optional[str]) -> None:

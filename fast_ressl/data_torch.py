@@ -1,0 +1,266 @@
+"""The torchvision reference loader (`data.loader=torch`): torch DataLoader + PIL transforms.
+
+It reproduces the original ReSSL code's augmentations (the MoCo-v2 recipe, ReSSL `main_imagenet`):
+
+    strong: RandomResizedCrop(size, scale) -> RandomApply(ColorJitter(b, c, s, h), p=jitter_p)
+            -> RandomGrayscale(grayscale_p) -> RandomApply(GaussianBlur(sigma ~ U[min, max]), blur_p)
+            -> [RandomSolarize(threshold, solarize_p)] -> RandomHorizontalFlip(flip_p) -> ToTensor -> Normalize
+    weak:   RandomResizedCrop(size, scale) -> RandomHorizontalFlip(flip_p) -> ToTensor -> Normalize
+
+(GaussianBlur is MoCo's: PIL `ImageFilter.GaussianBlur(radius=sigma)`.) Each image is decoded once
+(EXIF orientation applied, converted to RGB) and both views come from it. The same config keys and
+the same file list, denylist scan, per-epoch permutation and rank blocks as the DALI loader are used
+(`fast_ressl.datasets`), so both loaders read the same images in the same order. It is the benchmark
+baseline and the fallback where DALI cannot be installed.
+
+Determinism and resume: the augmentation RNG of each sample is seeded from (data.seed, epoch, rank,
+position in the epoch), so a batch depends only on its place in the run; the state is (epoch,
+batches handed out) and a restore gives the same next batches.
+"""
+from __future__ import annotations
+
+import random
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .data import Batch, torch_dtype
+from .datasets import DataError, FileDataset, epoch_block, pil_rgb, prepare_dataset
+
+
+class GaussianBlur:
+    """MoCo v2's blur: PIL Gaussian blur with radius sigma ~ U[sigma_min, sigma_max]."""
+
+    def __init__(self, sigma: Sequence[float] = (0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, img):
+        from PIL import ImageFilter
+
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.sigma[0], self.sigma[1])))
+
+
+def _normalize(d):
+    from torchvision import transforms as T
+
+    return [T.ToTensor(), T.Normalize(d.mean, d.std)]
+
+
+def weak_transform(d, crop):
+    from torchvision import transforms as T
+
+    return T.Compose([T.RandomResizedCrop(crop.size, scale=(crop.scale_min, crop.scale_max)),
+                      T.RandomHorizontalFlip(d.augment.flip_p), *_normalize(d)])
+
+
+def strong_transform(d, crop):
+    from torchvision import transforms as T
+
+    a = d.augment
+    ops = [T.RandomResizedCrop(crop.size, scale=(crop.scale_min, crop.scale_max)),
+           T.RandomApply([T.ColorJitter(a.brightness, a.contrast, a.saturation, a.hue)], p=a.jitter_p),
+           T.RandomGrayscale(p=a.grayscale_p),
+           T.RandomApply([GaussianBlur((a.blur_sigma_min, a.blur_sigma_max))], p=a.blur_p)]
+    if a.solarize_p > 0:
+        ops.append(T.RandomSolarize(threshold=int(round(255 * a.solarize_threshold)), p=a.solarize_p))
+    ops += [T.RandomHorizontalFlip(a.flip_p), *_normalize(d)]
+    return T.Compose(ops)
+
+
+def eval_transform(d, size: int, resize_shorter: int):
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(resize_shorter), T.CenterCrop(size), *_normalize(d)])
+
+
+def _to_out(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+class _TwoViewDataset(Dataset):
+    """Item (epoch, position, index) -> (weak, [strong...], label), RNG seeded per item."""
+
+    def __init__(self, ds: FileDataset, cfg, rank: int):
+        d = cfg.data
+        self.ds, self.seed, self.rank = ds, d.seed, rank
+        self.weak = weak_transform(d, d.weak)
+        self.strong = [strong_transform(d, c) for c in d.strong]
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key: Tuple[int, int, int]):
+        epoch, pos, idx = key
+        seed = int(np.random.SeedSequence([self.seed, epoch, self.rank, pos]).generate_state(1)[0])
+        torch.manual_seed(seed)
+        random.seed(seed)
+        img = pil_rgb(self.ds.files[idx])  # decoded once, both views from it
+        return self.weak(img), [t(img) for t in self.strong], self.ds.labels[idx]
+
+
+class _Collate:
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def __call__(self, items):
+        weak = _to_out(torch.stack([it[0] for it in items]), self.dtype)
+        strong = [_to_out(torch.stack([it[1][v] for it in items]), self.dtype)
+                  for v in range(len(items[0][1]))]
+        labels = torch.tensor([it[2] for it in items], dtype=torch.int64)
+        return weak, strong, labels
+
+
+class _Batches:
+    """Endless batch sampler from (epoch, step): lists of (epoch, position, index)."""
+
+    def __init__(self, loader: "TorchLoader", epoch: int, step: int):
+        self.loader, self.epoch, self.step = loader, epoch, step
+
+    def __iter__(self):
+        L, epoch, step = self.loader, self.epoch, self.step
+        B = L.batch_size
+        while True:
+            block = L.epoch_indices(epoch)
+            for s in range(step, L.steps_per_epoch):
+                yield [(epoch, s * B + j, block[s * B + j]) for j in range(B)]
+            epoch, step = epoch + 1, 0
+
+
+class TorchLoader:
+    """Endless iterator of `Batch` (CPU tensors, pinned when the device is CUDA).
+
+    Attributes: steps_per_epoch, batch_size (per rank), dataset, bad_files (list[str]), bad_reasons.
+    Workers: data.num_threads DataLoader processes (0 = in the main process).
+    """
+
+    def __init__(self, cfg, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
+                 progress: bool = True, num_workers: Optional[int] = None):
+        d = cfg.data
+        if d.source == "webdataset":
+            raise DataError("data.loader=torch reads folder, filelist and embedded sources; "
+                            "use data.loader=dali for webdataset shards")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device = torch.device(device)
+        self.batch_size = cfg.train.batch_size // world_size
+        self.dataset = prepare_dataset(cfg, rank=rank, progress=progress and rank == 0)
+        self.bad_files: List[str] = list(self.dataset.bad_files)
+        self.bad_reasons = dict(self.dataset.bad_reasons)
+        self.steps_per_epoch = (len(self.dataset) // world_size) // self.batch_size
+        if self.steps_per_epoch < 1:
+            raise DataError(f"{len(self.dataset)} good images are fewer than one global batch "
+                            f"train.batch_size={cfg.train.batch_size} (world size {world_size})")
+        self.num_workers = d.num_threads if num_workers is None else num_workers
+        self.dtype = torch_dtype(d.dtype)
+        self._ds = _TwoViewDataset(self.dataset, cfg, rank)
+        self.epoch, self.step_in_epoch = 0, 0
+        self._it: Optional[Iterator] = None
+        self._blocks: dict = {}
+
+    def epoch_indices(self, epoch: int) -> List[int]:
+        if epoch not in self._blocks:
+            self._blocks = {epoch: epoch_block(len(self.dataset), self.cfg.data.seed, epoch, self.rank,
+                                               self.steps_per_epoch * self.batch_size)}
+        return self._blocks[epoch]
+
+    def epoch_files(self, epoch: int) -> Tuple[List[str], List[int]]:
+        block = self.epoch_indices(epoch)
+        return [self.dataset.files[i] for i in block], [self.dataset.labels[i] for i in block]
+
+    def _start(self) -> None:
+        w = self.num_workers
+        dl = DataLoader(self._ds, batch_sampler=_Batches(self, self.epoch, self.step_in_epoch),
+                        num_workers=w, collate_fn=_Collate(self.dtype),
+                        pin_memory=self.device.type == "cuda", persistent_workers=False,
+                        prefetch_factor=4 if w > 0 else None)
+        self._it = iter(dl)
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            yield self.next_batch()
+
+    def __next__(self) -> Batch:
+        return self.next_batch()
+
+    def next_batch(self) -> Batch:
+        if self.num_workers == 0:  # per-sample seeding must not disturb the trainer's global RNG
+            with torch.random.fork_rng(devices=[]):
+                state = random.getstate()
+                try:
+                    out = self._next()
+                finally:
+                    random.setstate(state)
+        else:
+            out = self._next()
+        return self._advance(out)
+
+    def _next(self):
+        if self._it is None:
+            self._start()
+        return next(self._it)
+
+    def _advance(self, out) -> Batch:
+        weak, strong, labels = out
+        self.step_in_epoch += 1
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        return Batch(x_weak=weak, x_strong=strong, labels=labels)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._it = None  # workers of the old position are dropped with the iterator
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+
+
+class _EvalDataset(Dataset):
+    def __init__(self, ds: FileDataset, transform):
+        self.ds, self.transform = ds, transform
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        return self.transform(pil_rgb(self.ds.files[i])), self.ds.labels[i]
+
+
+class TorchEvalLoader:
+    """One pass over a class-folder root (or FileDataset): (images, labels), resize shorter side to
+    data.eval_resize -> center crop data.weak.size -> normalise; channels_last, data.dtype; every
+    file once in listing order (rank r of w takes the r-th contiguous part, like DALI)."""
+
+    def __init__(self, cfg, root, device: torch.device | str = "cpu", batch_size: int = 256,
+                 rank: int = 0, world_size: int = 1, size: Optional[int] = None,
+                 resize_shorter: Optional[int] = None, progress: bool = True,
+                 num_workers: Optional[int] = None):
+        import copy
+
+        d = cfg.data
+        if isinstance(root, FileDataset):
+            ds = root
+        else:
+            sub = copy.deepcopy(cfg)
+            sub.data.source, sub.data.root, sub.data.denylist = "folder", str(root), None
+            ds = prepare_dataset(sub, rank=rank, progress=progress)
+        n = len(ds)
+        lo, hi = n * rank // world_size, n * (rank + 1) // world_size
+        self.dataset = FileDataset(ds.files[lo:hi], ds.labels[lo:hi], ds.classes, ds.root,
+                                   ds.bad_files, ds.bad_reasons)
+        self.bad_files = list(ds.bad_files)
+        self.batch_size = batch_size
+        self.dtype = torch_dtype(d.dtype)
+        self.device = torch.device(device)
+        self.num_workers = d.num_threads if num_workers is None else num_workers
+        self.transform = eval_transform(d, size or d.weak.size, resize_shorter or d.eval_resize)
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self):
+        dl = DataLoader(_EvalDataset(self.dataset, self.transform), batch_size=self.batch_size,
+                        shuffle=False, num_workers=self.num_workers,
+                        pin_memory=self.device.type == "cuda")
+        for x, y in dl:
+            yield _to_out(x, self.dtype), y.to(torch.int64)

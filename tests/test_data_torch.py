@@ -1,0 +1,108 @@
+"""The torchvision reference loader: contract, shards, resume, bad files, and agreement with DALI."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from fast_ressl.config import load_config
+from fast_ressl.data import build_loader
+from fast_ressl.data_torch import TorchEvalLoader, TorchLoader
+
+CPU = torch.device("cpu")
+
+
+def _cfg(root, **extra):
+    return load_config(None, tiny_overrides(root, **{"data.loader": "torch", **extra}))
+
+
+def _loader(root, rank=0, world=1, workers=0, **extra):
+    return TorchLoader(_cfg(root, **extra), rank, world, CPU, progress=False, num_workers=workers)
+
+
+def test_contract_shapes_dtype_layout(jpeg_folder):
+    cfg = _cfg(jpeg_folder, **{"data.strong": "[{size: 32}, {size: 16}]"})
+    L = build_loader(cfg, 0, 1, CPU)
+    assert isinstance(L, TorchLoader) and L.steps_per_epoch == 6 and L.bad_files == []
+    b = next(iter(L))
+    for x, size in [(b.x_weak, 32), (b.x_strong[0], 32), (b.x_strong[1], 16)]:
+        assert x.shape == (8, 3, size, size) and x.dtype == torch.float16
+        assert x.is_contiguous(memory_format=torch.channels_last)
+    assert b.labels.dtype == torch.int64
+
+
+def test_same_files_and_order_as_dali(jpeg_folder):
+    pytest.importorskip("nvidia.dali")
+    from pipelines_dali.loader import DaliTrainLoader
+
+    _loader(jpeg_folder)  # rank 0 writes the denylist; other ranks wait for it
+    T = _loader(jpeg_folder, rank=1, world=2)
+    D = DaliTrainLoader(_cfg(jpeg_folder, **{"data.loader": "dali"}), 1, 2, CPU, progress=False)
+    assert T.epoch_files(3) == D.epoch_files(3)
+    got = torch.cat([next(T).labels for _ in range(T.steps_per_epoch)])
+    assert got.tolist() == T.epoch_files(0)[1]
+
+
+def test_restore_gives_identical_next_batches_with_workers(jpeg_folder):
+    ref = _loader(jpeg_folder, workers=2)
+    for _ in range(5):
+        next(ref)
+    buf = io.BytesIO()
+    torch.save(ref.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    want = [next(ref) for _ in range(3)]  # crosses the epoch boundary (6 steps per epoch)
+    res = _loader(jpeg_folder, workers=0)  # worker count does not change the batches
+    res.load_state_dict(state)
+    for a, b in zip(want, (next(res) for _ in range(3))):
+        assert torch.equal(a.x_weak, b.x_weak) and torch.equal(a.x_strong[0], b.x_strong[0])
+        assert torch.equal(a.labels, b.labels)
+
+
+def test_bad_files_skipped_odd_kept(messy_folder):
+    root, odd, bad = messy_folder
+    L = _loader(root)
+    assert sorted(L.bad_files) == sorted(bad.values())
+    assert set(odd.values()) <= set(L.dataset.files)
+    for _ in range(L.steps_per_epoch):
+        assert torch.isfinite(next(L).x_weak.float()).all()
+
+
+def test_eval_loader(jpeg_folder):
+    E = TorchEvalLoader(_cfg(jpeg_folder, **{"data.eval_resize": 40}), jpeg_folder, CPU, batch_size=20,
+                        progress=False, num_workers=0)
+    xs, ys = zip(*list(E))
+    assert [x.shape[0] for x in xs] == [20, 20, 8]
+    assert xs[0].shape[1:] == (3, 32, 32) and xs[0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.cat(ys).tolist() == E.dataset.labels
+
+
+def _channel_stats(loader, n_batches):
+    xs = {"weak": [], "strong": []}
+    for _ in range(n_batches):
+        b = next(loader)
+        xs["weak"].append(b.x_weak.float())
+        xs["strong"].append(b.x_strong[0].float())
+    out = {}
+    for k, v in xs.items():
+        x = torch.cat(v)
+        out[k] = (x.mean((0, 2, 3)), x.std((0, 2, 3)), x.std((2, 3)).mean(0))  # mean, std, in-image std
+    return out
+
+
+def test_dali_and_torchvision_views_match_per_channel_statistics(jpeg_folder):
+    """Same images, same recipe: per-channel mean and spread of each view agree closely."""
+    pytest.importorskip("nvidia.dali")
+    from pipelines_dali.loader import DaliTrainLoader
+
+    n = 4 * 6  # 4 epochs of 48 images
+    T = _loader(jpeg_folder, workers=2)
+    D = DaliTrainLoader(_cfg(jpeg_folder, **{"data.loader": "dali"}), 0, 1, CPU, progress=False)
+    st, sd = _channel_stats(T, n), _channel_stats(D, n)
+    for view in ("weak", "strong"):
+        (mt, vt, it), (md, vd, idd) = st[view], sd[view]
+        assert (mt - md).abs().max() < 0.12, (view, mt, md)
+        assert ((vt - vd).abs() / vt).max() < 0.12, (view, vt, vd)
+        assert ((it - idd).abs() / it).max() < 0.15, (view, it, idd)
