@@ -74,7 +74,8 @@ COPY --chown=ressl:ressl configs ./configs
 ENV XDG_CACHE_HOME=/cache \
     TRITON_CACHE_DIR=/cache/triton \
     TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
-    TINI_SUBREAPER=1
+    TINI_SUBREAPER=1 \
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT=110
 
 # Numeric (hadolint DL3066): resolvable even when the host has no such user name.
 USER ${UID}:${GID}
@@ -83,6 +84,9 @@ USER ${UID}:${GID}
 # after the grace period (`docker stop --time N` / `docker run --stop-timeout N`; default 10 s).
 # SIGTERM is the signal the trainer's preemption path is designed around: stop at the next step
 # boundary, write one checkpoint, exit 143; give it a grace period longer than a checkpoint save.
+# Under torchrun (multi-GPU), torchrun forwards SIGTERM to its workers and SIGKILLs them after
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (torch's default: 30); 110 s above fits inside
+# `--stop-timeout 120`, leaving the rest for torchrun itself to exit.
 STOPSIGNAL SIGTERM
 # Exec form: tini is PID 1 and the console script from setup.py receives signals directly (no shell).
 ENTRYPOINT ["/usr/bin/tini", "--", "fast-ressl"]
