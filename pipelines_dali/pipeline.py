@@ -50,7 +50,14 @@ def decode(encoded, data, gpu: bool):
     return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
 
 
-@pipeline_def
+def out_dtype(dtype: str, gpu: bool) -> str:
+    """DALI's output dtype. On the CPU, fp16 is produced as fp32 and cast by torch: DALI's CPU
+    float16 conversion is slow (measured here: 2 crops + normalise 531 img/s fp16 vs 603 fp32 out,
+    full pipeline 296 vs 349), torch's vectorised cast is cheaper than the difference."""
+    return dtype if gpu else "fp32"
+
+
+@pipeline_def(enable_conditionals=True)
 def train_pipeline(data, source: str, gpu: bool = False, debug: bool = False,
                    files: Optional[List[str]] = None, labels: Optional[List[int]] = None,
                    wds_paths: Optional[List[str]] = None, wds_index: Optional[List[str]] = None,
@@ -61,11 +68,12 @@ def train_pipeline(data, source: str, gpu: bool = False, debug: bool = False,
     else:
         encoded, labels_out = read_files(files, labels)
     images = decode(encoded, data, gpu)
-    x_weak = weak_view(images, data.weak, data.augment, data.mean, data.std, data.dtype)
+    dtype = out_dtype(data.dtype, gpu)
+    x_weak = weak_view(images, data.weak, data.augment, data.mean, data.std, dtype)
     x_strong = []
     first_decisions = None
     for crop in data.strong:
-        x, decisions = strong_view(images, crop, data.augment, data.mean, data.std, data.dtype, gpu=gpu)
+        x, decisions = strong_view(images, crop, data.augment, data.mean, data.std, dtype, gpu=gpu)
         x_strong.append(x)
         first_decisions = first_decisions or decisions
     if gpu:
@@ -85,5 +93,5 @@ def eval_pipeline(data, files: List[str], labels: List[int], size: int, resize_s
                                    shard_id=shard_id, num_shards=num_shards, pad_last_batch=True,
                                    name=READER_NAME)
     images = decode(encoded, data, gpu)
-    x = center_view(images, size, resize_shorter, data.mean, data.std, data.dtype)
+    x = center_view(images, size, resize_shorter, data.mean, data.std, out_dtype(data.dtype, gpu))
     return x, (lab.gpu() if gpu else lab)
