@@ -163,10 +163,26 @@ def check_image(path: str) -> Optional[str]:
         return f"unreadable: {e.strerror or e}"
     if size == 0:
         return "zero-byte file"
+    return check_image_source(path)
+
+
+def check_image_bytes(data: bytes) -> Optional[str]:
+    """`check_image` for an in-memory encoded image (e.g. a tar member)."""
+    import io
+
+    if not data:
+        return "zero-byte file"
+    return check_image_source(io.BytesIO(data))
+
+
+def check_image_source(src) -> Optional[str]:
+    """Fully decode a path or file object; None if usable, else the reason."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data", harmless
-            with Image.open(path) as img:
+            with Image.open(src) as img:
                 fmt = img.format
                 if fmt not in DECODABLE_FORMATS:
                     return f"unsupported image format {fmt}"

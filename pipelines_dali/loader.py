@@ -88,7 +88,11 @@ class DaliTrainLoader:
         if self.data.source == "webdataset":
             from .webdataset import list_shards
 
-            self.wds_paths, self.wds_index, self.num_samples = list_shards(self.data.root)
+            self.wds_paths, self.wds_index, self.num_samples, bad = list_shards(
+                self.data.root, self.data.num_threads, self.data.max_bad_fraction,
+                progress=progress and rank == 0)
+            self.bad_files = sorted(bad)  # "shard.tar:key" of samples left out of the index
+            self.bad_reasons = dict(bad)
         else:
             self.dataset = prepare_dataset(cfg, rank=rank, progress=progress and rank == 0)
             self.bad_files = list(self.dataset.bad_files)

@@ -278,3 +278,41 @@ def test_parse_ascii_labels():
     raw = torch.tensor([list(b"17\n         "), list(b"0           "), list(b"  205       ")],
                        dtype=torch.uint8)
     assert parse_ascii_labels(raw).tolist() == [17, 0, 205]
+
+
+# ----------------------------------------------------------------------------- webdataset
+def _write_shards(src_files, labels, out, per_shard, extra=()):
+    import tarfile
+
+    out.mkdir()
+    items = [(f, lab) for f, lab in zip(src_files, labels)] + list(extra)
+    for s in range(0, len(items), per_shard):
+        with tarfile.open(out / f"shard-{s // per_shard:03d}.tar", "w") as tf:
+            for i, (f, lab) in enumerate(items[s:s + per_shard], start=s):
+                tf.add(f, arcname=f"{i:06d}.jpg")
+                data = f"{lab}\n".encode()
+                info = tarfile.TarInfo(f"{i:06d}.cls")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_shards_index_labels_and_bad_samples(messy_folder, tmp_path):
+    root, _, bad = messy_folder
+    ds = list_folder(root)
+    good = [(f, lab) for f, lab in zip(ds.files, ds.labels) if f not in bad.values()]
+    files, labels = zip(*good)
+    _write_shards(files, labels, tmp_path / "wds", per_shard=20, extra=[(bad["truncated"], 1)])
+    L = _loader(tmp_path / "wds", **{"data.source": "webdataset", "data.shuffle_buffer": 16})
+    assert L.num_samples == len(files) and L.steps_per_epoch == len(files) // 8
+    assert L.bad_files == [f"shard-002.tar:{len(files):06d}"]  # the truncated image, left out
+    assert (tmp_path / "wds" / "shard-000.idx").read_text().startswith("v1.2 20\n")
+    seen = torch.cat([next(L).labels for _ in range(L.steps_per_epoch)])
+    assert seen.min() >= 0 and seen.max() <= 2 and len(set(seen.tolist())) == 3
+    b = next(L)
+    assert b.x_weak.shape == (8, 3, 32, 32) and b.x_weak.is_contiguous(memory_format=torch.channels_last)
+    state = L.state_dict()
+    want = next(L)
+    R = _loader(tmp_path / "wds", **{"data.source": "webdataset", "data.shuffle_buffer": 16})
+    R.load_state_dict(state)
+    got = next(R)
+    assert torch.equal(want.x_strong[0], got.x_strong[0]) and torch.equal(want.labels, got.labels)
