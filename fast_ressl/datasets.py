@@ -383,3 +383,50 @@ def pil_rgb(path: str):
         img = ImageOps.exif_transpose(img)
         return img.convert("RGB")
 
+
+
+# ----------------------------------------------------------------------------- CLI
+def _cmd_scan(args) -> int:
+    try:
+        n = scan_command(args.data, output=args.output, num_threads=args.threads,
+                         progress=not args.quiet)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1 if (args.fail_on_bad and n) else 0
+
+
+def _cmd_wds_index(args) -> int:
+    from pipelines_dali.webdataset import write_indexes  # DALI-free module
+
+    try:
+        bad = write_indexes(args.shards, num_threads=args.threads, progress=not args.quiet)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote index files in {args.shards}; {len(bad)} bad samples left out")
+    for key in sorted(bad):
+        print(f"  {key}: {bad[key]}")
+    return 0
+
+
+def add_cli_commands(sub) -> None:
+    """Register `scan` and `wds-index` on the CLI's argparse subparsers."""
+    threads = max(1, os.cpu_count() or 1)
+    p = sub.add_parser("scan", help="decode every image once and write the bad-file denylist",
+                       description="Fully decode every file of DATA (a class-folder root or a "
+                       "`path label` list) in parallel and write the denylist that training reads "
+                       "(default: beside the data, or ~/.cache/fast_ressl when not writable).")
+    p.add_argument("data", help="class-folder root or file list")
+    p.add_argument("--output", help="denylist path (default: where training looks)")
+    p.add_argument("--threads", type=int, default=threads, help=f"decode threads (default {threads})")
+    p.add_argument("--fail-on-bad", action="store_true", help="exit 1 if any file is bad")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_scan)
+    p = sub.add_parser("wds-index", help="write DALI index files for webdataset shards",
+                       description="Write <shard>.idx for every SHARDS/*.tar (DALI's wds2idx format); "
+                       "samples whose image does not decode are left out and listed.")
+    p.add_argument("shards", help="folder of .tar shards")
+    p.add_argument("--threads", type=int, default=threads)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_wds_index)

@@ -106,3 +106,40 @@ def test_dali_and_torchvision_views_match_per_channel_statistics(jpeg_folder):
         assert (mt - md).abs().max() < 0.12, (view, mt, md)
         assert ((vt - vd).abs() / vt).max() < 0.12, (view, vt, vd)
         assert ((it - idd).abs() / it).max() < 0.15, (view, it, idd)
+
+
+def test_embedded_digits_materialise_once_with_val_split(tmp_path):
+    from fast_ressl.datasets import list_folder
+    from fast_ressl.embedded import ensure_embedded
+
+    paths = ensure_embedded(tmp_path / "emb", quiet=True)
+    train, val = list_folder(paths["train"]), list_folder(paths["val"])
+    assert (len(train), len(val)) == (1438, 359) and train.classes == [str(i) for i in range(10)]
+    assert not {p.split("/")[-1] for p in train.files} & {p.split("/")[-1] for p in val.files}
+    stamp = (tmp_path / "emb" / "digits-v1" / "DONE").stat().st_mtime_ns
+    assert ensure_embedded(tmp_path / "emb", quiet=True) == paths
+    assert (tmp_path / "emb" / "digits-v1" / "DONE").stat().st_mtime_ns == stamp
+    cfg = load_config(None, ["data.source=embedded", f"data.embedded_dir={tmp_path / 'emb'}",
+                             "data.weak.size=32", "data.strong=[{size: 32}]", "train.batch_size=64",
+                             "method.queue_size=64", "data.loader=torch"])
+    L = build_loader(cfg, 0, 1, CPU)
+    assert L.steps_per_epoch == 1438 // 64 and L.bad_files == []
+    b = next(L)
+    assert b.x_weak.shape == (64, 3, 32, 32) and b.labels.max() <= 9
+
+
+def test_scan_command_lists_bad_files_and_writes_denylist(messy_folder, capsys):
+    import argparse
+
+    from fast_ressl.datasets import add_cli_commands, read_denylist
+
+    root, odd, bad = messy_folder
+    parser = argparse.ArgumentParser()
+    add_cli_commands(parser.add_subparsers(dest="command"))
+    out = tmp = root.parent / "deny.json"
+    args = parser.parse_args(["scan", str(root), "--quiet", "--output", str(out), "--fail-on-bad"])
+    assert args.func(args) == 1
+    text = capsys.readouterr().out
+    assert "3 bad" in text and all(p in text for p in bad.values())
+    num, denied = read_denylist(str(tmp))
+    assert num == 55 and sorted(denied) == sorted(bad.values())

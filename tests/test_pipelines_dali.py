@@ -316,3 +316,39 @@ def test_webdataset_shards_index_labels_and_bad_samples(messy_folder, tmp_path):
     R.load_state_dict(state)
     got = next(R)
     assert torch.equal(want.x_strong[0], got.x_strong[0]) and torch.equal(want.labels, got.labels)
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_messy_folder_trains_to_the_end_and_reports_exactly_the_bad_files(messy_folder, tmp_path, loader):
+    import json
+
+    from fast_ressl.train import train
+
+    root, odd, bad = messy_folder
+    cfg = load_config(None, tiny_overrides(root, **{
+        "data.loader": loader, "model.backbone": "test_resnet", "model.proj_hidden_dim": 32,
+        "model.proj_dim": 16, "method.compile_loss": "false", "train.epochs": 2,
+        "train.log_every": 1, "optim.warmup_epochs": 0.5, "run.dir": str(tmp_path / "run")}))
+    summary = train(cfg, live=False)
+    assert summary["status"] == "completed" and summary["step"] == 2 * (52 // 8)
+    assert sorted(summary["bad_files"]) == sorted(bad.values())
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert sorted(on_disk["bad_files"]) == sorted(bad.values())
+    assert not set(odd.values()) & set(on_disk["bad_files"])
+
+
+def test_multicrop_recipe_gives_five_student_views(jpeg_folder):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "multicrop.yaml",
+                      tiny_overrides(jpeg_folder)[:1] + [f"data.root={jpeg_folder}", "train.batch_size=8",
+                                                         "method.queue_size=64", "data.num_threads=2"])
+    assert [v.size for v in cfg.data.strong] == [224, 192, 160, 128, 96]
+    # scaled down 7x to keep the test fast; the per-view scale ranges are the recipe's
+    for v in cfg.data.strong:
+        v.size //= 7
+    cfg.data.weak.size //= 7
+    L = DaliTrainLoader(cfg, 0, 1, CPU, progress=False)
+    b = next(L)
+    assert b.x_weak.shape[-1] == 32 and [x.shape[-1] for x in b.x_strong] == [32, 27, 22, 18, 13]
