@@ -9,6 +9,11 @@ import torch
 import torch.nn.functional as F
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 -> float32; float32 and float64 stay (float64 for exact reference tests)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def ressl_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau_s: float,
                tau_t: float) -> torch.Tensor:
     """Relation cross-entropy  -sum_j p_t[j] log p_s[j], averaged over samples (and views).
@@ -16,13 +21,13 @@ def ressl_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau_s: flo
     q:     (N, D) or (V, N, D) student embeddings, L2-normalised; V strong views share one target
     k:     (N, D) teacher embeddings of the weak view, L2-normalised; no gradient flows into it
     queue: (K, D) teacher keys from earlier steps (snapshot before the push)
-    Returns a 0-dim float32 tensor. Computed in float32 whatever the autocast dtype: a 0.04
+    Returns a 0-dim float32 (float64 for float64 inputs) tensor. Computed in float32 at least, whatever the autocast dtype: a 0.04
     temperature turns bf16 rounding of the logits (~0.4% relative) into visibly different targets.
     """
-    queue = queue.detach().float()
+    queue = _upcast(queue.detach())
     with torch.no_grad():
-        p_t = F.softmax(k.detach().float() @ queue.T / tau_t, dim=-1)  # (N, K)
-    log_p_s = F.log_softmax(q.float() @ queue.T / tau_s, dim=-1)  # (N, K) or (V, N, K)
+        p_t = F.softmax(_upcast(k.detach()) @ queue.T / tau_t, dim=-1)  # (N, K)
+    log_p_s = F.log_softmax(_upcast(q) @ queue.T / tau_s, dim=-1)  # (N, K) or (V, N, K)
     return -(p_t * log_p_s).sum(dim=-1).mean()
 
 
@@ -32,7 +37,7 @@ def infonce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: flo
     Positive = the teacher key of the same image (k[i] for q[i]); negatives = the queue.
     q: (N, D) or (V, N, D); k: (N, D); queue: (K, D). Returns a 0-dim float32 tensor.
     """
-    q, k, queue = q.float(), k.detach().float(), queue.detach().float()
+    q, k, queue = _upcast(q), _upcast(k.detach()), _upcast(queue.detach())
     pos = (q * k).sum(dim=-1, keepdim=True)  # (..., N, 1)
     neg = q @ queue.T  # (..., N, K)
     logits = torch.cat([pos, neg], dim=-1) / tau
@@ -44,7 +49,7 @@ def warmup_mixed_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau
                       tau_t: float, tau_nce: float, relation_weight: torch.Tensor) -> torch.Tensor:
     """(1 - w) * InfoNCE + w * ReSSL, with w = relation_weight in [0, 1] (a 0-dim tensor, so a
     changing ramp does not recompile). w = 1 is the plain relation loss."""
-    w = relation_weight.float()
+    w = relation_weight.to(_upcast(q).dtype)
     return (1 - w) * infonce_loss(q, k, queue, tau_nce) + w * ressl_loss(q, k, queue, tau_s, tau_t)
 
 

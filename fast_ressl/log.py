@@ -1,0 +1,90 @@
+"""Progress display (rich on a terminal, plain lines otherwise), metrics.jsonl and summary.json."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+console = Console(stderr=False, highlight=False)
+
+
+def info(msg: str) -> None:
+    """A plain log line (rank 0 decides whether to call it)."""
+    console.print(msg, markup=False, soft_wrap=True)
+
+
+class MetricsLog:
+    """Appends one JSON object per log interval to metrics.jsonl (line-buffered: a kill loses at
+    most the line being written)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = open(path, "a", buffering=1)
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+class ProgressDisplay:
+    """Epoch bar with images/s, loss, lr and ETA on a terminal; one plain line per log interval
+    when stdout is not a terminal (CI, files, `docker logs`)."""
+
+    def __init__(self, total_steps: int, steps_per_epoch: int, start_step: int,
+                 enabled: bool = True, live: Optional[bool] = None):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.live = sys.stdout.isatty() if live is None else live
+        self.progress: Optional[Progress] = None
+        if enabled and self.live:
+            self.progress = Progress(
+                TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                TimeRemainingColumn(), console=console, transient=False)
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step,
+                                               epoch=start_step // steps_per_epoch, stats="")
+
+    def update(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        stats = (f"loss {record['loss']:.4f}  lr {record['lr']:.4g}  "
+                 f"{record['img_per_s']:.1f} img/s")
+        if self.progress is not None:
+            self.progress.update(self.task, completed=record["step"], epoch=record["epoch"], stats=stats)
+        else:
+            info(f"step {record['step']}/{self.total_steps}  epoch {record['epoch']}  {stats}")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+class Throughput:
+    """Images/s between log intervals, measured on the host after the interval's one sync."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.n = 0
+
+    def add(self, images: int) -> None:
+        self.n += images
+
+    def rate(self) -> float:
+        dt = time.perf_counter() - self.t0
+        r = self.n / dt if dt > 0 else 0.0
+        self.t0, self.n = time.perf_counter(), 0
+        return r

@@ -1,0 +1,106 @@
+"""Short CPU runs on the synthetic source: run-directory contract, precisions, exact resume."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fast_ressl.checkpoint import safe_load
+from fast_ressl.config import load_config
+from fast_ressl.train import ConfigMismatch, train
+
+TINY = ["data.source=synthetic", "data.num_samples=32", "data.weak={size: 32}", "data.strong=[{size: 32}]",
+        "model.backbone=test_resnet", "model.proj_hidden_dim=32", "model.proj_dim=16",
+        "method.queue_size=64", "method.compile_loss=false", "train.batch_size=8", "train.epochs=2",
+        "train.log_every=1", "optim.warmup_epochs=0.5"]
+
+
+def _cfg(run_dir, *extra):
+    return load_config(None, TINY + [f"run.dir={run_dir}", *extra])
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_contract(tmp_path):
+    run = tmp_path / "run"
+    summary = train(_cfg(run), live=False)
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints/last.pt"):
+        assert (run / name).is_file(), name
+    records = _metrics(run)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for r in records:
+        assert {"step", "epoch", "loss", "lr", "img_per_s"} <= r.keys()
+        assert torch.isfinite(torch.tensor(r["loss"]))
+    assert [r["epoch"] for r in records] == [0] * 4 + [1] * 4
+    assert summary["status"] == "completed" and summary["step"] == 8
+    assert json.loads((run / "summary.json").read_text())["step"] == 8
+    ckpt = safe_load(run / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 8 and ckpt["queue"]["ptr"].item() == (8 * 8) % 64
+    assert load_config(run / "config.yaml").train.batch_size == 8  # the resolved config reloads
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_precisions_give_finite_loss(tmp_path, precision):
+    summary = train(_cfg(tmp_path / precision, f"train.precision={precision}", "train.stop_at_step=2"),
+                    live=False)
+    assert summary["status"] == "stopped" and summary["final_loss"] == pytest.approx(summary["final_loss"])
+    assert torch.isfinite(torch.tensor(summary["final_loss"]))
+
+
+def test_extended_options_and_multicrop_run(tmp_path):
+    cfg = _cfg(tmp_path / "ext", "model.predictor=true", "model.pred_hidden_dim=24",
+               "method.infonce_warmup_epochs=1", "method.infonce_handover=linear",
+               "method.momentum_schedule=cosine", "method.compile_loss=true",
+               "train.precision=fp32",  # see build_env: CPU bf16 + mixed view sizes is not deterministic
+               "data.strong=[{size: 32}, {size: 24}, {size: 16}]")
+    summary = train(cfg, live=False)
+    assert summary["status"] == "completed"
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(tmp_path / "ext"))
+
+
+def _state(run):
+    return safe_load(run / "checkpoints" / "last.pt")
+
+
+def test_second_invocation_resumes_with_identical_state(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(_cfg(a), live=False)
+    first = train(_cfg(b, "train.stop_at_step=3"), live=False)
+    assert first["step"] == 3
+    second = train(_cfg(b), live=False)  # the same command again: resumes at step 4
+    assert second["step"] == 8
+    steps_b = [r["step"] for r in _metrics(b)]
+    assert steps_b == [1, 2, 3, 4, 5, 6, 7, 8]  # continued at the next step, none repeated
+    assert [r["loss"] for r in _metrics(a)] == [r["loss"] for r in _metrics(b)]
+    sa, sb = _state(a), _state(b)
+    for key in ("student", "teacher"):
+        for name, tensor in sa[key].items():
+            assert torch.equal(tensor, sb[key][name]), f"{key}.{name}"
+    assert torch.equal(sa["queue"]["buffer"], sb["queue"]["buffer"])
+    assert sa["queue"]["ptr"].item() == sb["queue"]["ptr"].item()
+    mom_a = sa["optimizer"]["state"]
+    assert all(torch.equal(mom_a[i]["momentum_buffer"], sb["optimizer"]["state"][i]["momentum_buffer"])
+               for i in mom_a)
+
+
+def test_resume_with_changed_config_is_refused(tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(run, "train.stop_at_step=2"), live=False)
+    with pytest.raises(ConfigMismatch, match="method.tau_t"):
+        train(_cfg(run, "method.tau_t=0.05"), live=False)
+    summary = train(_cfg(run, "method.tau_t=0.05"), allow_config_change=True, live=False)
+    assert summary["step"] == 8
+
+
+def test_cli_train_and_config_errors(tmp_path):
+    run = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "fast_ressl", "train", "configs/demo.yaml", *TINY, f"run.dir={run}",
+           "train.stop_at_step=2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "step 2/8" in out.stdout and (run / "summary.json").exists()
+    bad = subprocess.run(cmd + ["train.epochz=3"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "train.epochz" in bad.stderr
