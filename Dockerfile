@@ -7,8 +7,9 @@
 #
 # Base image: the CUDA "base" image (CUDA runtime + the NVIDIA container environment) plus the very
 # pip packages the README installs, rather than an NVIDIA NGC PyTorch container, because:
-#  - the requirement source stays setup.py, the same one `make venv`/CI installs, so the image runs
-#    the torch/torchvision/timm/DALI versions that CI tested (torch 2.14.x cu130, nvidia-dali-cuda130);
+#  - the requirement source stays setup.py, the same one `make venv`/CI installs, so the image gets
+#    torch/torchvision/timm/DALI from the ranges CI tests (torch 2.14 cu130, nvidia-dali-cuda130; there
+#    is no lock file, so both resolve the newest releases inside those ranges when they are built);
 #    an NGC container ships its own torch build, outside what CI tests, and replacing it would break
 #    the apex and DALI builds that are the reason to pick it;
 #  - the PyPI torch and DALI wheels carry their own CUDA libraries (cuBLAS, cuDNN, NCCL, nvJPEG as
@@ -56,7 +57,8 @@ RUN pip install --no-cache-dir --no-deps --force-reinstall . \
 # --user to match another one. Ubuntu 24.04 ships a user "ubuntu" with UID 1000: replace it.
 ARG UID=1000
 ARG GID=1000
-RUN if id ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
+RUN if id -u ubuntu >/dev/null 2>&1; then userdel ubuntu && rm -rf /home/ubuntu; fi \
+    && if getent group ubuntu >/dev/null; then groupdel ubuntu; fi \
     && groupadd --gid "$GID" ressl \
     && useradd --uid "$UID" --gid "$GID" --create-home --shell /usr/sbin/nologin ressl \
     && mkdir -p /workspace/runs /runs /cache \
@@ -69,8 +71,9 @@ WORKDIR /workspace
 COPY --chown=ressl:ressl configs ./configs
 
 # Caches in /cache (writable for any --user UID): the bad-file denylist of a read-only dataset
-# (fast_ressl/datasets.py writes it under XDG_CACHE_HOME) and the torch.compile/triton kernels. Mount
-# a host folder there (-v "$PWD/cache:/cache") so the next container skips the scan and reuses compiled kernels.
+# (fast_ressl/datasets.py writes it under XDG_CACHE_HOME) and the torch.compile/triton kernels.
+# Mount a host folder there (-v "$PWD/cache:/cache") so that the next container skips the scan and
+# reuses the compiled kernels.
 ENV XDG_CACHE_HOME=/cache \
     TRITON_CACHE_DIR=/cache/triton \
     TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
@@ -82,8 +85,9 @@ USER ${UID}:${GID}
 
 # `docker stop` sends STOPSIGNAL to PID 1 (tini), which forwards it to the trainer, then SIGKILLs
 # after the grace period (`docker stop --time N` / `docker run --stop-timeout N`; default 10 s).
-# SIGTERM is the signal the trainer's preemption path is designed around: stop at the next step
-# boundary, write one checkpoint, exit 143; give it a grace period longer than a checkpoint save.
+# SIGTERM is the signal the trainer's preemption path is designed around (it arrives with the
+# preemption-handling issue): stop at the next step boundary, write one checkpoint, exit 143; give it
+# a grace period longer than a checkpoint save.
 # Under torchrun (multi-GPU), torchrun forwards SIGTERM to its workers and SIGKILLs them after
 # TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (torch's default: 30); 110 s above fits inside
 # `--stop-timeout 120`, leaving the rest for torchrun itself to exit.
