@@ -68,6 +68,41 @@ def test_each_optimizer_keeps_the_groups_and_takes_one_step(name):
     opt2.step()
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_from_a_saved_state_is_bitwise_exact(name, tmp_path):
+    """Three steps in one go equal one step, a save/`weights_only` load into a fresh optimizer (as
+    a resume does), then two more steps: every state entry (momentum, Adam moments, LAMB's step
+    counter in the param group) survives the checkpoint."""
+    def grads(model, k):
+        gen = torch.Generator().manual_seed(100 + k)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = 1e-2 * torch.randn(p.shape, generator=gen)
+
+    cfg = cfg_for(name, lr=0.1)
+    model_a = tiny_model()
+    opt_a, _ = build_optimizer(model_a, cfg, lr=0.1, device=CPU)
+    for k in range(3):
+        grads(model_a, k)
+        opt_a.step()
+
+    model_b = tiny_model()
+    opt_b, _ = build_optimizer(model_b, cfg, lr=0.1, device=CPU)
+    grads(model_b, 0)
+    opt_b.step()
+    torch.save({"model": model_b.state_dict(), "optim": opt_b.state_dict()}, tmp_path / "ckpt.pt")
+    sd = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model_b = tiny_model()
+    model_b.load_state_dict(sd["model"])
+    opt_b, _ = build_optimizer(model_b, cfg, lr=0.1, device=CPU)
+    opt_b.load_state_dict(sd["optim"])
+    for k in (1, 2):
+        grads(model_b, k)
+        opt_b.step()
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("name,impl_word", [("sgd", "torch SGD"), ("adamw", "torch AdamW"),
                                             ("lars", "timm Lars"), ("lamb", "timm Lamb")])
 def test_description_names_the_implementation(name, impl_word):
