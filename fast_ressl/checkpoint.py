@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -34,11 +34,18 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+# The explicit allow-list for torch.load(weights_only=True): our checkpoints hold only tensors,
+# dicts, lists, tuples, str, int, float, bool and None (configs are stored as plain dicts, RNG states
+# as tensors and lists), so no class beyond torch's weights-only built-ins is allowed.
+ALLOWED_GLOBALS: list = []
+
+
 def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """torch.load with weights_only=True: only tensors and plain containers/scalars are accepted,
     so a pickle carrying a payload is refused before anything in it runs."""
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # UnpicklingError for payloads, RuntimeError/EOFError for truncation
         raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}") from e
@@ -51,11 +58,69 @@ class CheckpointError(RuntimeError):
     pass
 
 
-REQUIRED_KEYS = ("student", "teacher", "queue", "optimizer", "scaler", "step", "config",
-                 "config_hash", "loader", "rng")
+REQUIRED_KEYS = ("student", "teacher", "queue", "optimizer", "scaler", "step", "skipped_steps",
+                 "ranks", "world_size", "bad_files", "config", "config_hash")
 
 
 def check_complete(state: dict, path: str | os.PathLike) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks key(s): {', '.join(missing)}")
+
+
+def _step_of(path: Path) -> int:
+    return int(path.stem.split("_")[1])
+
+
+class CheckpointDir:
+    """`step_XXXXXXXX.pt` every checkpoint, `last.pt` a hard link to the newest, the newest
+    `keep` numbered files kept. Writes are atomic; loading falls back past unreadable files."""
+
+    def __init__(self, root: Path, keep: int = 3, warn=print):
+        self.root, self.keep, self.warn = Path(root), keep, warn
+
+    @property
+    def last(self) -> Path:
+        return self.root / "last.pt"
+
+    def numbered(self) -> list[Path]:
+        return sorted(self.root.glob("step_*.pt"), key=_step_of, reverse=True)
+
+    def save(self, state: dict, step: int) -> Path:
+        path = self.root / f"step_{step:08d}.pt"
+        atomic_save(state, path)
+        tmp = self.root / f".last.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)  # no second copy of the bytes; rename makes `last` switch atomically
+        except OSError:  # filesystems without hard links: a second atomic write
+            atomic_save(state, self.last)
+        else:
+            os.replace(tmp, self.last)
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        for old in self.numbered()[self.keep:]:
+            try:
+                old.unlink()
+            except OSError as e:  # a failed delete must never stop training
+                self.warn(f"warning: could not delete old checkpoint {old}: {e}")
+
+    def load_newest_valid(self, map_location: Any = "cpu") -> tuple[Optional[dict], Optional[Path]]:
+        """The newest checkpoint that loads and is complete; each one skipped is reported."""
+        seen: set = set()
+        candidates = ([self.last] if self.last.exists() else []) + self.numbered()
+        for path in candidates:
+            ino = path.stat().st_ino
+            if ino in seen:
+                continue
+            seen.add(ino)
+            try:
+                state = safe_load(path, map_location)
+                check_complete(state, path)
+            except CheckpointError as e:
+                self.warn(f"warning: skipping unusable checkpoint: {e}")
+                continue
+            return state, path
+        return None, None

@@ -9,14 +9,20 @@ from .config import ConfigError, load_config
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import ConfigMismatch, train  # torch import deferred: `--help` stays fast
+    from .dist import world_size_from_env
+    from .train import ConfigMismatch, NonFiniteAbort, Preempted, train  # deferred: `--help` stays fast
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, world_size=world_size_from_env())
     try:
         train(cfg, allow_config_change=args.allow_config_change)
     except ConfigMismatch as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteAbort as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except Preempted as e:  # checkpoint written; 143 for SIGTERM, 130 for SIGINT
+        return e.exit_code
     return 0
 
 
@@ -36,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .datasets import add_cli_commands  # scan, wds-index (data path; no DALI import)
 
     add_cli_commands(sub)
+    from . import bench, benchdata  # bench, make-bench-data (torch imported lazily by bench)
+
+    bench.add_cli_command(sub)
+    benchdata.add_cli_command(sub)
+    from .eval_cli import add_cli_commands as add_eval_commands  # knn, linear, export
+
+    add_eval_commands(sub)
     return parser
 
 

@@ -45,7 +45,10 @@ class ModelConfig:
     # CIFAR-style ResNet stem (3x3 stride-1 conv, no max-pool) for 32-64 px inputs; ResNets only.
     small_input_stem: bool = False
     compile: bool = False  # torch.compile the student and teacher networks too
-    sync_bn: bool = False  # reserved for the distributed issue's BN policy; must stay False for now
+    # Teacher BatchNorm across ranks: shuffle (MoCo's shuffle-BN, the original ImageNet recipe), sync
+    # (SyncBatchNorm, CUDA only) or local (per-rank batch statistics). auto = local on one rank,
+    # shuffle on several.
+    teacher_bn: str = "auto"
 
 
 @dataclass
@@ -144,6 +147,9 @@ class TrainConfig:
     deterministic: bool = False  # deterministic kernels (bitwise resume on GPU costs speed)
     log_every: int = 50  # steps between host syncs for metrics
     ckpt_every: int = 1000  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3  # numbered checkpoints kept (newest), besides last.pt
+    max_nonfinite_steps: int = 20  # stop the run after this many non-finite losses in a row
+    dist_timeout_s: float = 600.0  # a collective waiting longer (e.g. a dead peer) raises, no hang
     # Stop this invocation at this global step; schedules still span `epochs`. For smoke runs.
     stop_at_step: Optional[int] = None
 
@@ -156,6 +162,20 @@ class RunConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Online kNN monitor (fast_ressl/evaluate.py): weighted kNN on L2-normalised backbone features."""
+
+    knn_every_epochs: int = 1  # 0 = off; needs labelled eval data (embedded, or folder + data.val_root)
+    knn_k: int = 200
+    knn_t: float = 0.1  # vote weight exp(similarity / T)
+    knn_train_samples: int = 10000  # fixed random labelled training subset (0 = all)
+    knn_val_samples: int = 0  # 0 = the whole validation set
+    knn_compare_random: bool = False  # at the end: also the same backbone randomly initialised
+    batch_size: int = 256
+    cache_mb: int = 1024  # keep decoded eval crops in memory when they fit (small data)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -163,13 +183,16 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # Keys that only steer one invocation; they may change on resume without changing the run.
-RUN_CONTROL_KEYS = ("train.stop_at_step", "train.log_every", "run.device")
+RUN_CONTROL_KEYS = ("train.stop_at_step", "train.log_every", "run.device", "train.keep_checkpoints",
+                    "train.dist_timeout_s")
 
 _CHOICES = {
     "method.momentum_schedule": ("constant", "cosine"),
+    "model.teacher_bn": ("auto", "shuffle", "sync", "local"),
     "method.infonce_handover": ("hard", "linear"),
     "optim.name": ("sgd", "lars", "lamb", "adamw"),
     "optim.impl": ("auto", "torch", "timm", "apex"),
@@ -274,6 +297,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     check(t.epochs > 0, f"train.epochs={t.epochs} must be positive")
     check(t.log_every > 0, f"train.log_every={t.log_every} must be positive")
     check(t.ckpt_every > 0, f"train.ckpt_every={t.ckpt_every} must be positive")
+    check(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1")
+    check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1")
     check(m.tau_s > 0 and m.tau_t > 0, "method.tau_s and method.tau_t must be positive")
     check(m.infonce_tau > 0, "method.infonce_tau must be positive")
     check(0.0 <= m.momentum <= 1.0, f"method.momentum={m.momentum} must lie in [0, 1]")
@@ -309,7 +334,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         check(d.root is not None, f"data.source={d.source} needs data.root (a directory)")
     if d.source == "filelist":
         check(d.file_list is not None, "data.source=filelist needs data.file_list")
-    check(not cfg.model.sync_bn, "model.sync_bn is not implemented yet (distributed BN policy)")
     if cfg.model.small_input_stem:
         check(cfg.model.backbone.startswith("resnet"),
               f"model.small_input_stem needs a ResNet backbone, not {cfg.model.backbone}")

@@ -34,6 +34,15 @@ class MetricsLog:
         self.f.close()
 
 
+def tensorboard_writer(path: Path):
+    """A TensorBoard SummaryWriter when tensorboard is installed (the `tensorboard` extra), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
+
+
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 

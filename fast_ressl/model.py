@@ -36,7 +36,11 @@ class Encoder(nn.Module):
                 nn.Linear(cfg.proj_dim, cfg.pred_hidden_dim), nn.BatchNorm1d(cfg.pred_hidden_dim),
                 nn.ReLU(inplace=True), nn.Linear(cfg.pred_hidden_dim, cfg.proj_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | List[torch.Tensor]) -> torch.Tensor:
+        """x (N, 3, H, W) -> (N, D); or a list of V views (N, 3, h_v, w_v) -> (V, N, D), each view
+        its own batch (own BN statistics). One call for all views keeps DDP to one forward per step."""
+        if isinstance(x, (list, tuple)):
+            return torch.stack([self.forward(v) for v in x])
         z = self.projector(self.backbone(x))
         return self.predictor(z) if self.predictor is not None else z
 
@@ -77,10 +81,22 @@ def ema_pairs(student: nn.Module, teacher: nn.Module) -> Tuple[List[torch.Tensor
 
 
 @torch.no_grad()
-def ema_update_(teacher_params: List[torch.Tensor], student_params: List[torch.Tensor], m: float) -> None:
+def ema_update_(teacher_params: List[torch.Tensor], student_params: List[torch.Tensor],
+                m: float, enabled: torch.Tensor | None = None) -> None:
     """teacher <- m * teacher + (1 - m) * student, one multi-tensor op over all parameters.
 
     lerp(t, s, w) = t + w (s - t) with w = 1 - m; torch's lerp switches to s - (s - t)(1 - w) for
     w >= 0.5, so m = 0 copies the student exactly and m = 1 leaves the teacher untouched.
+    `enabled` (0-dim bool device tensor) turns the update into a no-op (w = 0) without a host sync,
+    for steps the non-finite guard skips.
     """
-    torch._foreach_lerp_(teacher_params, student_params, 1.0 - m)
+    if enabled is None:
+        torch._foreach_lerp_(teacher_params, student_params, 1.0 - m)
+        return
+    w = enabled.to(teacher_params[0].dtype) * (1.0 - m)
+    torch._foreach_lerp_(teacher_params, student_params, [w] * len(teacher_params))
+
+
+def convert_sync_bn(teacher: nn.Module) -> nn.Module:
+    """Teacher BN policy 'sync': batch statistics over all ranks (CUDA only in torch)."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(teacher)

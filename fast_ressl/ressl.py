@@ -72,13 +72,21 @@ class Queue:
         return self.buffer.shape[0]
 
     @torch.no_grad()
-    def push(self, keys: torch.Tensor) -> None:
-        """Write keys (N, D) at rows ptr..ptr+N-1 (mod K) and advance the pointer by N."""
+    def push(self, keys: torch.Tensor, enabled: torch.Tensor | None = None) -> None:
+        """Write keys (N, D) at rows ptr..ptr+N-1 (mod K) and advance the pointer by N.
+
+        enabled: optional 0-dim bool device tensor; False leaves buffer and pointer unchanged
+        (a step skipped by the non-finite guard) without a host sync.
+        """
         n = keys.shape[0]
         if self._arange_cache is None or self._arange_cache.shape[0] != n:
             self._arange_cache = torch.arange(n, device=self.buffer.device)
         rows = (self.ptr + self._arange_cache) % self.size
-        self.buffer.index_copy_(0, rows, keys.detach().to(self.buffer.dtype))
+        keys = keys.detach().to(self.buffer.dtype)
+        if enabled is not None:
+            keys = torch.where(enabled, keys, self.buffer[rows])
+            n = n * enabled.long()
+        self.buffer.index_copy_(0, rows, keys)
         self.ptr.copy_((self.ptr + n) % self.size)
 
     def state_dict(self) -> dict:

@@ -2,21 +2,26 @@
 from __future__ import annotations
 
 import functools
+import os
 import random
+import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from . import log
-from .checkpoint import atomic_save, check_complete, safe_load
-from .config import Config, config_hash, to_dict, to_yaml
+from . import dist, log
+from .checkpoint import CheckpointDir
+from .config import RUN_CONTROL_KEYS, Config, config_hash, to_dict, to_yaml
 from .data import build_loader
-from .model import build_student_teacher, ema_pairs, ema_update_
+from .evaluate import knn_monitor
+from .dist import Env
+from .model import build_student_teacher, convert_sync_bn, ema_pairs, ema_update_
 from .optim import build_optimizer
+from .redact import redact_obj, redact_text
 from .ressl import Queue, ressl_loss, warmup_mixed_loss
 from .schedules import lr_at, momentum_at, relation_weight_at
 
@@ -27,24 +32,21 @@ class ConfigMismatch(RuntimeError):
     pass
 
 
-@dataclass
-class Env:
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
+class Preempted(Exception):
+    """SIGTERM/SIGINT: a checkpoint was written at the step boundary; exit with 128 + signum."""
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.exit_code = 128 + signum
+
+
+class NonFiniteAbort(RuntimeError):
+    pass
 
 
 def build_env(cfg: Config) -> Env:
-    want = cfg.run.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is visible")
-    device = torch.device(want)
+    env = dist.init(cfg.run.device, cfg.train.dist_timeout_s)
+    device = env.device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.train.deterministic
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 loss matmuls on tensor cores
@@ -57,9 +59,19 @@ def build_env(cfg: Config) -> Env:
         # which made the step ~25x slower; fp32 is deterministic at about half the bf16 speed).
         log.info("warning: bf16 on CPU with multi-crop views of different sizes is not deterministic "
                  "in oneDNN (occasional NaN); use train.precision=fp32 for such CPU runs")
+    # Same seed on every rank: identical initial student, teacher and queue without a broadcast.
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
-    return Env(device=device)
+    return env
+
+
+def teacher_bn_policy(cfg: Config, env: Env) -> str:
+    policy = cfg.model.teacher_bn
+    if policy == "auto":  # one rank: nothing to shuffle across; several: the original recipe
+        policy = "shuffle" if env.distributed else "local"
+    if policy == "sync" and env.device.type != "cuda":
+        raise RuntimeError("model.teacher_bn=sync needs CUDA (torch's SyncBatchNorm); use shuffle or local")
+    return policy
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -95,25 +107,35 @@ class State:
     scaler: torch.amp.GradScaler
     loader: Any
     step: int = 0  # steps completed
-    extra: Dict[str, Any] = field(default_factory=dict)
+    skipped_steps: int = 0  # steps whose loss was non-finite on some rank (no update at all)
 
-    def state_dict(self, cfg: Config) -> dict:
+    def state_dict(self, cfg: Config, env: Env) -> Optional[dict]:
+        """Collective (every rank calls it): rank 0 gets the full dict, the others None."""
+        per_rank = dist.gather_objects({"rng": _rng_state(), "loader": self.loader.state_dict()}, env)
+        if not env.is_main:
+            return None
         return {
             "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
             "queue": self.queue.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(), "step": self.step, "loader": self.loader.state_dict(),
-            "config": to_dict(cfg), "config_hash": config_hash(cfg), "rng": _rng_state(),
+            "scaler": self.scaler.state_dict(), "step": self.step, "skipped_steps": self.skipped_steps,
+            "ranks": per_rank, "world_size": env.world_size,
+            "bad_files": list(getattr(self.loader, "bad_files", [])),
+            "config": redact_obj(to_dict(cfg)), "config_hash": config_hash(cfg),
         }
 
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, sd: dict, env: Env) -> None:
+        if sd["world_size"] != env.world_size:
+            raise ConfigMismatch(f"the checkpoint was written by {sd['world_size']} rank(s), this run has "
+                                 f"{env.world_size}: each rank's data position cannot be mapped")
         self.student.load_state_dict(sd["student"])
         self.teacher.load_state_dict(sd["teacher"])
         self.queue.load_state_dict(sd["queue"])
         self.optimizer.load_state_dict(sd["optimizer"])
         self.scaler.load_state_dict(sd["scaler"])
-        self.loader.load_state_dict(sd["loader"])
-        self.step = int(sd["step"])
-        _set_rng_state(sd["rng"])
+        mine = sd["ranks"][env.rank]
+        self.loader.load_state_dict(mine["loader"])
+        self.step, self.skipped_steps = int(sd["step"]), int(sd["skipped_steps"])
+        _set_rng_state(mine["rng"])
 
 
 def _rng_state() -> dict:
@@ -142,31 +164,73 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> List[str]:
     return out
 
 
-def maybe_resume(state: State, cfg: Config, ckpt: Path, allow_config_change: bool) -> bool:
-    """Restore from ckpt if it exists. A different config (run-control keys aside) is refused unless
-    allowed explicitly, so a resumed run is never silently a different experiment."""
-    if not ckpt.exists():
-        return False
-    sd = safe_load(ckpt, map_location=state.queue.buffer.device)
-    check_complete(sd, ckpt)
+def maybe_resume(state: State, cfg: Config, env: Env, ckpts: CheckpointDir,
+                 allow_config_change: bool) -> Optional[Path]:
+    """Restore from the newest valid checkpoint, if any (unusable newer ones are reported and
+    skipped). A different config (run-control keys aside) is refused unless allowed explicitly, so a
+    resumed run is never silently a different experiment."""
+    sd, path = ckpts.load_newest_valid(map_location=env.device)
+    if sd is None:
+        return None
     if sd["config_hash"] != config_hash(cfg):
-        diff = [d for d in _config_diff(sd["config"], to_dict(cfg))
-                if not d.startswith(("train.stop_at_step", "train.log_every", "run.device"))]
+        diff = [d for d in _config_diff(sd["config"], redact_obj(to_dict(cfg)))
+                if not d.startswith(RUN_CONTROL_KEYS)]
         if not allow_config_change:
-            raise ConfigMismatch(f"{ckpt} was written with a different config:\n  " + "\n  ".join(diff)
+            raise ConfigMismatch(f"{path} was written with a different config:\n  " + "\n  ".join(diff)
                                  + "\nuse a new run.name, or pass --allow-config-change to resume anyway")
-        log.info("resuming with a changed config (--allow-config-change):\n  " + "\n  ".join(diff))
-    state.load_state_dict(sd)
-    return True
+        _info(env, "resuming with a changed config (--allow-config-change):\n  " + "\n  ".join(diff))
+    state.load_state_dict(sd, env)
+    return path
+
+
+def _info(env: Env, msg: str) -> None:
+    if env.is_main:
+        log.info(redact_text(msg))
+
+
+class _SignalFlag:
+    """SIGTERM/SIGINT set a flag; the loop stops at the next step boundary on every rank."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict = {}
+
+    def __enter__(self) -> "_SignalFlag":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 
 def train(cfg: Config, allow_config_change: bool = False, live: Optional[bool] = None) -> dict:
-    """Run (or resume) pretraining; returns the summary written to summary.json."""
+    """Run (or resume) pretraining; returns the summary written to summary.json.
+
+    Raises Preempted after writing a checkpoint when SIGTERM/SIGINT arrived."""
     env = build_env(cfg)
+    try:
+        with _SignalFlag() as stop_flag:
+            return _train(cfg, env, allow_config_change, live, stop_flag)
+    finally:
+        dist.shutdown()
+
+
+def _train(cfg: Config, env: Env, allow_config_change: bool, live: Optional[bool],
+           stop_flag: _SignalFlag) -> dict:
     run_dir = run_dir_of(cfg)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    ckpts = CheckpointDir(run_dir / "checkpoints", cfg.train.keep_checkpoints, warn=lambda m: _info(env, m))
+    if env.is_main:
+        ckpts.root.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(redact_text(to_yaml(cfg)))
     student, teacher = build_student_teacher(cfg.model, env.device, cfg.train.channels_last)
+    bn_policy = teacher_bn_policy(cfg, env)
+    if bn_policy == "sync":
+        teacher = convert_sync_bn(teacher)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     queue = Queue(cfg.method.queue_size, cfg.model.proj_dim, env.device, generator=gen)
     loader = build_loader(cfg, env.rank, env.world_size, env.device)
@@ -176,37 +240,43 @@ def train(cfg: Config, allow_config_change: bool = False, live: Optional[bool] =
     optimizer, optim_desc = build_optimizer(student, cfg.optim, base_lr, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
     state = State(student, teacher, queue, optimizer, scaler, loader)
-    ckpt = run_dir / "checkpoints" / "last.pt"
-    resumed = maybe_resume(state, cfg, ckpt, allow_config_change)
+    resumed = maybe_resume(state, cfg, env, ckpts, allow_config_change)
     end_step = min(total_steps, cfg.train.stop_at_step or total_steps)
-    if env.is_main:
-        log.info(f"fast-ressl: {cfg.model.backbone} on {env.device}, {cfg.train.precision}, "
-                 f"global batch {cfg.train.batch_size} x {len(cfg.data.strong)} strong view(s), "
-                 f"lr {base_lr:.4g} (= {cfg.optim.lr} x {cfg.train.batch_size}/256), {optim_desc}; "
-                 f"{steps_per_epoch} steps/epoch, {total_steps} steps; run dir {run_dir}"
-                 + (f"; resumed at step {state.step}" if resumed else ""))
+    _info(env, f"fast-ressl: {cfg.model.backbone} on {env.device} x {env.world_size} rank(s), "
+          f"{cfg.train.precision}, global batch {cfg.train.batch_size} "
+          f"({cfg.train.batch_size // env.world_size} per rank) x {len(cfg.data.strong)} strong view(s), "
+          f"lr {base_lr:.4g} (= {cfg.optim.lr} per 256 x {cfg.train.batch_size}/256), {optim_desc}, "
+          f"teacher BN {bn_policy}; {steps_per_epoch} steps/epoch, {total_steps} steps; run dir {run_dir}"
+          + (f"; resumed from {resumed} at step {state.step}" if resumed else ""))
     if state.step >= end_step:
-        log.info(f"nothing to do: the run is at step {state.step} (stops at {end_step})")
-        return _finish(cfg, state, run_dir, end_step, total_steps, [], 0.0, env)
-    t0 = time.perf_counter()
-    losses = run_loop(cfg, env, state, build_loss_fn(cfg), steps_per_epoch, total_steps, end_step,
-                      base_lr, run_dir, ckpt, live)
-    return _finish(cfg, state, run_dir, end_step, total_steps, losses, time.perf_counter() - t0, env)
+        _info(env, f"nothing to do: the run is at step {state.step} (stops at {end_step})")
+        return _finish(cfg, state, run_dir, total_steps, None, env)
+    meter = _Meter(cfg, env, run_dir, total_steps, steps_per_epoch, state.step, live)
+    try:
+        run_loop(cfg, env, state, build_loss_fn(cfg), bn_policy, steps_per_epoch, total_steps, end_step,
+                 base_lr, ckpts, meter, stop_flag)
+    finally:
+        meter.close()
+    if stop_flag.signum:
+        _finish(cfg, state, run_dir, total_steps, meter, env, status="preempted")
+        raise Preempted(stop_flag.signum)
+    return _finish(cfg, state, run_dir, total_steps, meter, env)
 
 
-def run_loop(cfg: Config, env: Env, s: State, loss_fn: Callable, steps_per_epoch: int, total_steps: int,
-             end_step: int, base_lr: float, run_dir: Path, ckpt: Path, live: Optional[bool]) -> List[float]:
+def run_loop(cfg: Config, env: Env, s: State, loss_fn: Callable, bn_policy: str, steps_per_epoch: int,
+             total_steps: int, end_step: int, base_lr: float, ckpts: CheckpointDir, meter: "_Meter",
+             stop_flag: _SignalFlag) -> None:
     """The training loop: schedule -> student(x_strong) -> teacher(x_weak) -> loss -> backward ->
     step -> EMA -> enqueue; the host syncs only once per log interval."""
-    t_cfg, dev = cfg.train, env.device
+    t_cfg, dev, n = cfg.train, env.device, cfg.train.batch_size // env.world_size
     amp = torch.autocast(dev.type, dtype=_AMP[t_cfg.precision], enabled=t_cfg.precision != "fp32")
-    student = torch.compile(s.student) if cfg.model.compile else s.student
+    student = _wrap_student(s.student, cfg, env)
     teacher = torch.compile(s.teacher) if cfg.model.compile else s.teacher
     t_params, s_params = ema_pairs(s.student, s.teacher)
     prep = functools.partial(_prep, device=dev, fp32=t_cfg.precision == "fp32", cl=t_cfg.channels_last)
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
     nce_steps = round(cfg.method.infonce_warmup_epochs * steps_per_epoch)
-    meter = _Meter(dev, run_dir, env, total_steps, steps_per_epoch, s.step, live)
+    guard = NonFiniteGuard(s.optimizer, s.scaler, env)
     data = iter(s.loader)
     for step in range(s.step, end_step):
         lr = lr_at(step, base_lr, warmup_steps, total_steps, cfg.optim.min_lr)
@@ -215,27 +285,87 @@ def run_loop(cfg: Config, env: Env, s: State, loss_fn: Callable, steps_per_epoch
         w = relation_weight_at(step, nce_steps, cfg.method.infonce_handover)
         for group in s.optimizer.param_groups:
             group["lr"] = lr
-        batch = next(data)
+        batch = meter.timed_next(data)
         x_weak, x_strong = prep(batch.x_weak), [prep(x) for x in batch.x_strong]
         with amp:
-            q = torch.stack([F.normalize(student(x).float(), dim=1) for x in x_strong])  # (V, N, D)
-            with torch.no_grad():
-                k = F.normalize(teacher(x_weak).float(), dim=1)  # (N, D)
-        loss = loss_fn(q, k, s.queue.buffer, meter.weight(w), w)  # queue read before the push
+            q = F.normalize(student(x_strong).float(), dim=-1)  # (V, N, D)
+            k_all = F.normalize(dist.teacher_keys(teacher, x_weak, env, bn_policy, step, t_cfg.seed).float(),
+                                dim=-1)  # (world*N, D): the global batch's keys, rank order
+        k = k_all[env.rank * n:(env.rank + 1) * n]
+        loss = inject_fault(loss_fn(q, k, s.queue.buffer, meter.weight(w), w), step + 1, env.rank)
+        ok = guard.finite(loss)  # device bool, equal on all ranks
         s.optimizer.zero_grad(set_to_none=True)
         s.scaler.scale(loss).backward()
-        s.scaler.step(s.optimizer)
-        s.scaler.update()
-        ema_update_(t_params, s_params, m)
-        s.queue.push(k)
+        guard.step(ok)  # no optimizer step, EMA or enqueue when any rank's loss is non-finite
+        ema_update_(t_params, s_params, m, ok)
+        s.queue.push(k_all, ok)  # after the loss: it saw the queue from before this batch
         s.step = step + 1
-        meter.add(loss, x_weak.shape[0])
+        meter.add(loss, ok, n)
         if s.step % t_cfg.log_every == 0 or s.step == end_step:
-            meter.log(s.step, lr, m)  # the one host sync of the interval
-        if s.step % t_cfg.ckpt_every == 0 or s.step == end_step:
-            atomic_save(s.state_dict(cfg), ckpt)
-    meter.close()
-    return meter.losses
+            s.skipped_steps = meter.log(s.step, lr, m)  # the one host sync of the interval
+        stopping = dist.any_flag(bool(stop_flag.signum), env)  # gloo on the host: no GPU sync
+        if stopping or s.step % t_cfg.ckpt_every == 0 or s.step == end_step:
+            save_checkpoint(s, cfg, env, ckpts, meter)
+        if stopping:
+            stop_flag.signum = stop_flag.signum or signal.SIGTERM  # a peer rank got the signal
+            _info(env, f"signal {stop_flag.signum}: stopped at step {s.step}, checkpoint written")
+            return
+
+
+def _wrap_student(student: torch.nn.Module, cfg: Config, env: Env) -> torch.nn.Module:
+    """DDP wraps the student only (the teacher stays a plain frozen module); then torch.compile."""
+    if env.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        student = DDP(student, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                      broadcast_buffers=False)
+    return torch.compile(student) if cfg.model.compile else student
+
+
+def save_checkpoint(s: State, cfg: Config, env: Env, ckpts: CheckpointDir, meter: "_Meter") -> None:
+    s.skipped_steps = meter.sync_skipped()
+    sd = s.state_dict(cfg, env)  # collective
+    if env.is_main:
+        ckpts.save(sd, s.step)
+    if env.distributed:  # no rank leaves (or gets killed by torchrun) before the file is complete
+        torch.distributed.barrier(group=env.ctrl_group)
+
+
+class NonFiniteGuard:
+    """A NaN/inf loss on any rank -> no optimizer step on any rank, decided on the device.
+
+    torch's fused optimizers take a `found_inf` tensor and skip the update inside the kernel (the
+    GradScaler's mechanism), so no host sync is needed; with fp16 the GradScaler itself skips (the
+    non-finite loss makes every rank's all-reduced gradients non-finite). Optimizers without that
+    hook (timm LARS/LAMB, foreach SGD) cost one host sync per step here.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, env: Env):
+        self.optimizer, self.scaler, self.env = optimizer, scaler, env
+        self.device_skip = scaler.is_enabled() or bool(optimizer.defaults.get("fused"))
+
+    def finite(self, loss: torch.Tensor) -> torch.Tensor:
+        bad = (~torch.isfinite(loss.detach())).to(torch.int32)
+        return dist.all_reduce_(bad, self.env, "max") == 0
+
+    def step(self, ok: torch.Tensor) -> None:
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif self.device_skip:
+            self.optimizer.found_inf = (~ok).float()  # read by torch's fused kernels
+            self.optimizer.step()
+        elif bool(ok):  # host sync: this optimizer cannot skip on the device
+            self.optimizer.step()
+
+
+def inject_fault(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+    """Fault injection for the reliability tests: FAST_RESSL_FAULT_NAN="STEP:RANK[,STEP:RANK...]"
+    makes the loss NaN at those (1-based) steps on those ranks. Unset in normal runs."""
+    spec = os.environ.get("FAST_RESSL_FAULT_NAN")
+    if spec and f"{step}:{rank}" in spec.split(","):
+        return loss * float("nan")
+    return loss
 
 
 def _prep(x: torch.Tensor, device: torch.device, fp32: bool, cl: bool) -> torch.Tensor:
@@ -247,57 +377,108 @@ def _prep(x: torch.Tensor, device: torch.device, fp32: bool, cl: bool) -> torch.
 
 
 class _Meter:
-    """Accumulates the loss on the device; one .item() per log interval."""
+    """Loss, skipped steps and data wait accumulated on the device/host; one sync per log interval."""
 
-    def __init__(self, device: torch.device, run_dir: Path, env: Env, total_steps: int,
-                 steps_per_epoch: int, start_step: int, live: Optional[bool]):
-        self.device, self.env, self.steps_per_epoch = device, env, steps_per_epoch
-        self.loss_sum = torch.zeros((), device=device)
+    def __init__(self, cfg: Config, env: Env, run_dir: Path, total_steps: int, steps_per_epoch: int,
+                 start_step: int, live: Optional[bool]):
+        dev = env.device
+        self.env, self.steps_per_epoch, self.max_streak = env, steps_per_epoch, cfg.train.max_nonfinite_steps
+        self.loss_sum = torch.zeros((), device=dev)
+        self.finite_count = torch.zeros((), device=dev, dtype=torch.long)
+        self.skipped = torch.zeros((), device=dev, dtype=torch.long)  # this invocation
+        self.streak = torch.zeros((), device=dev, dtype=torch.long)  # non-finite steps in a row
+        self.worst_streak = torch.zeros((), device=dev, dtype=torch.long)
+        self.local_bad = torch.zeros((), device=dev, dtype=torch.long)  # this rank's own NaN/inf
+        self.skipped_before = 0
         self.count = 0
-        self.losses: List[float] = []  # per-interval means (host copies)
-        self.throughput = log.Throughput()
-        self._w = torch.ones((), device=device)
+        self.wait_s = self.total_wait_s = 0.0
+        self.t_interval = self.t_start = time.perf_counter()
+        self.images = 0
+        self.records: List[dict] = []
+        self._w = torch.ones((), device=dev)
         self.metrics = log.MetricsLog(run_dir / "metrics.jsonl") if env.is_main else None
+        self.tb = log.tensorboard_writer(run_dir / "tensorboard") if env.is_main else None
         self.display = log.ProgressDisplay(total_steps, steps_per_epoch, start_step, env.is_main, live)
 
     def weight(self, w: float) -> torch.Tensor:
         self._w.fill_(w)
         return self._w
 
-    def add(self, loss: torch.Tensor, images: int) -> None:
-        self.loss_sum += loss.detach()
-        self.count += 1
-        self.throughput.add(images * self.env.world_size)
+    def timed_next(self, data) -> Any:
+        t0 = time.perf_counter()
+        batch = next(data)
+        self.wait_s += time.perf_counter() - t0
+        return batch
 
-    def log(self, step: int, lr: float, m: float) -> None:
-        mean = self.loss_sum.item() / self.count  # host sync
-        self.losses.append(mean)
+    def add(self, loss: torch.Tensor, ok: torch.Tensor, images: int) -> None:
+        loss = loss.detach()
+        self.loss_sum += torch.where(ok, loss, torch.zeros_like(loss))
+        self.finite_count += ok.long()
+        self.skipped += (~ok).long()
+        self.streak.copy_((self.streak + 1) * (~ok).long())
+        torch.maximum(self.worst_streak, self.streak, out=self.worst_streak)
+        self.local_bad += (~torch.isfinite(loss)).long()
+        self.count += 1
+        self.images += images * self.env.world_size
+
+    def sync_skipped(self) -> int:
+        return self.skipped_before + int(self.skipped.item())
+
+    def log(self, step: int, lr: float, m: float) -> int:
+        finite = int(self.finite_count.item())  # host sync
+        mean = self.loss_sum.item() / finite if finite else float("nan")
+        skipped = self.sync_skipped()
+        now = time.perf_counter()
+        dt = now - self.t_interval
         record = {"step": step, "epoch": (step - 1) // self.steps_per_epoch, "loss": mean, "lr": lr,
-                  "momentum": m, "img_per_s": self.throughput.rate(), "time": time.time()}
+                  "momentum": m, "img_per_s": self.images / dt if dt > 0 else 0.0,
+                  "data_wait_frac": self.wait_s / dt if dt > 0 else 0.0, "skipped_steps": skipped,
+                  "time": time.time()}
+        self.records.append(record)
+        self.total_wait_s += self.wait_s
+        self.t_interval, self.wait_s, self.images, self.count = now, 0.0, 0, 0
         self.loss_sum.zero_()
-        self.count = 0
+        self.finite_count.zero_()
         if self.metrics is not None:
             self.metrics.write(record)
+        if self.tb is not None:
+            for key in ("loss", "lr", "momentum", "img_per_s", "data_wait_frac", "skipped_steps"):
+                self.tb.add_scalar(f"train/{key}", record[key], step)
         self.display.update(record)
+        if int(self.worst_streak.item()) >= self.max_streak:
+            ranks = [r for r, bad in enumerate(dist.gather_objects(int(self.local_bad.item()), self.env)) if bad]
+            raise NonFiniteAbort(f"{self.max_streak} non-finite losses in a row by step {step} "
+                                 f"(non-finite on rank(s) {ranks}); no update was applied for those "
+                                 "steps; lower the LR or check the data, then resume from the last checkpoint")
+        return skipped
 
     def close(self) -> None:
         self.display.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
-def _finish(cfg: Config, s: State, run_dir: Path, end_step: int, total_steps: int,
-            losses: List[float], wall_s: float, env: Env) -> dict:
+def _finish(cfg: Config, s: State, run_dir: Path, total_steps: int, meter: Optional[_Meter], env: Env,
+            status: Optional[str] = None) -> dict:
+    records = meter.records if meter else []
+    wall = time.perf_counter() - meter.t_start if meter else 0.0
+    bad = list(getattr(s.loader, "bad_files", []))
     summary = {
-        "status": "completed" if s.step >= total_steps else "stopped",
-        "step": s.step, "total_steps": total_steps, "final_loss": losses[-1] if losses else None,
-        "wall_s": round(wall_s, 3), "run_dir": str(run_dir), "backbone": cfg.model.backbone,
-        "config_hash": config_hash(cfg),
-        "bad_files": list(getattr(s.loader, "bad_files", [])),
+        "status": status or ("completed" if s.step >= total_steps else "stopped"),
+        "step": s.step, "total_steps": total_steps,
+        "final_loss": records[-1]["loss"] if records else None,
+        "wall_s": round(wall, 3), "world_size": env.world_size,
+        "img_per_s": (sum(r["img_per_s"] for r in records) / len(records)) if records else None,
+        "data_wait_frac": round(meter.total_wait_s / wall, 4) if meter and wall > 0 else None,
+        "skipped_steps": s.skipped_steps, "num_bad_files": len(bad), "bad_files": bad,
+        "run_dir": str(run_dir), "backbone": cfg.model.backbone, "config_hash": config_hash(cfg),
     }
     if env.is_main:
-        log.write_json(run_dir / "summary.json", summary)
-        loss = f"{summary['final_loss']:.4f}" if losses else "n/a"
-        log.info(f"done: step {s.step}/{total_steps}, final loss {loss}, {wall_s:.1f} s; "
-                 f"summary in {run_dir / 'summary.json'}")
+        log.write_json(run_dir / "summary.json", redact_obj(summary))
+        loss = f"{summary['final_loss']:.4f}" if records else "n/a"
+        _info(env, f"done ({summary['status']}): step {s.step}/{total_steps}, final loss {loss}, "
+              f"{wall:.1f} s, {len(bad)} bad file(s), {s.skipped_steps} skipped step(s); "
+              f"summary in {run_dir / 'summary.json'}")
     return summary

@@ -11,7 +11,7 @@ from fast_ressl.config import load_config
 from fast_ressl.train import ConfigMismatch, train
 
 TINY = ["data.source=synthetic", "data.num_samples=32", "data.weak={size: 32}", "data.strong=[{size: 32}]",
-        "model.backbone=test_resnet", "model.proj_hidden_dim=32", "model.proj_dim=16",
+        "model.backbone=test_resnet", "model.small_input_stem=false", "model.proj_hidden_dim=32", "model.proj_dim=16",
         "method.queue_size=64", "method.compile_loss=false", "train.batch_size=8", "train.epochs=2",
         "train.log_every=1", "optim.warmup_epochs=0.5"]
 
@@ -38,6 +38,7 @@ def test_run_directory_contract(tmp_path):
     assert summary["status"] == "completed" and summary["step"] == 8
     assert json.loads((run / "summary.json").read_text())["step"] == 8
     ckpt = safe_load(run / "checkpoints" / "last.pt")
+    assert ckpt["world_size"] == 1 and len(ckpt["ranks"]) == 1 and ckpt["skipped_steps"] == 0
     assert ckpt["step"] == 8 and ckpt["queue"]["ptr"].item() == (8 * 8) % 64
     assert load_config(run / "config.yaml").train.batch_size == 8  # the resolved config reloads
 

@@ -1,0 +1,121 @@
+"""Distributed set-up (torchrun env vars; one process needs none), gathers without grad, shuffle-BN,
+and a small gloo control group for host-side agreement (preemption) that never touches the GPU."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Env:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    ctrl_group: Any = None  # gloo group for host flags and per-rank checkpoint state
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init(device_pref: str, timeout_s: float = 600.0) -> Env:
+    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPU, gloo on CPU.
+
+    A collective that waits longer than timeout_s (e.g. a peer rank died) raises instead of hanging.
+    """
+    world = world_size_from_env()
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_pref == "auto":
+        device_pref = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but no CUDA device is visible")
+    device = torch.device("cuda", local_rank) if device_pref == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world == 1:
+        return Env(device=device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    ctrl = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return Env(device=device, rank=dist.get_rank(), world_size=dist.get_world_size(),
+               local_rank=local_rank, ctrl_group=ctrl)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@torch.no_grad()
+def all_gather_cat(x: torch.Tensor, env: Env) -> torch.Tensor:
+    """(N, ...) per rank -> (world*N, ...) in rank order, identical on every rank. No gradient."""
+    if not env.distributed:
+        return x
+    out = torch.empty((env.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x.contiguous())
+    return out
+
+
+def any_flag(flag: bool, env: Env) -> bool:
+    """True on every rank if any rank's host flag is set (gloo, CPU only: no GPU sync)."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=env.ctrl_group)
+    return bool(t.item())
+
+
+def gather_objects(obj: Any, env: Env) -> List[Any]:
+    """Every rank's picklable object, in rank order, on every rank (checkpoint time only)."""
+    if not env.distributed:
+        return [obj]
+    out: List[Optional[Any]] = [None] * env.world_size
+    dist.all_gather_object(out, obj, group=env.ctrl_group)
+    return out
+
+
+def all_reduce_(t: torch.Tensor, env: Env, op: str = "max") -> torch.Tensor:
+    """In-place all-reduce of a device tensor (async on the GPU: no host sync)."""
+    if env.distributed:
+        dist.all_reduce(t, op={"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op])
+    return t
+
+
+@torch.no_grad()
+def teacher_keys(teacher: torch.nn.Module, x_weak: torch.Tensor, env: Env, policy: str,
+                 step: int, seed: int) -> torch.Tensor:
+    """Teacher embeddings (not normalised) of the GLOBAL weak batch: (world*N, D), rank order.
+
+    policy 'shuffle' (MoCo's shuffle-BN): the images of all ranks are gathered, permuted with a
+    permutation every rank derives from (seed, step) (no broadcast needed), each rank forwards its
+    slice, and the keys are gathered and unshuffled, so a rank's BN batch mixes samples of all
+    ranks and BN statistics cannot leak which samples belong together. 'local' and 'sync' forward
+    the local batch (with SyncBatchNorm converted in for 'sync') and gather the keys.
+    """
+    n = x_weak.shape[0]
+    if policy != "shuffle" or not env.distributed:
+        return all_gather_cat(teacher(x_weak), env)
+    x_all = all_gather_cat(x_weak, env)
+    gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
+    perm = torch.randperm(env.world_size * n, generator=gen).to(x_weak.device)
+    mine = perm[env.rank * n:(env.rank + 1) * n]
+    k_shuffled = all_gather_cat(teacher(x_all[mine]), env)  # row j holds sample perm[j]
+    k = torch.empty_like(k_shuffled)
+    k[perm] = k_shuffled
+    return k
