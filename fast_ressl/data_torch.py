@@ -113,17 +113,20 @@ class _Collate:
 
 
 class _Batches:
-    """Endless batch sampler from (epoch, step): lists of (epoch, position, index)."""
+    """Endless batch sampler from (epoch, step): lists of (epoch, position, index).
 
-    def __init__(self, loader: "TorchLoader", epoch: int, step: int):
-        self.loader, self.epoch, self.step = loader, epoch, step
+    Holds plain values only, no reference to the loader: a loader <-> DataLoader-iterator reference
+    cycle would leave worker shutdown to the cyclic GC, which then waits 5 s per worker."""
+
+    def __init__(self, n: int, seed: int, rank: int, steps: int, batch: int, epoch: int, step: int):
+        self.n, self.seed, self.rank, self.steps, self.batch = n, seed, rank, steps, batch
+        self.epoch, self.step = epoch, step
 
     def __iter__(self):
-        L, epoch, step = self.loader, self.epoch, self.step
-        B = L.batch_size
+        epoch, step, B = self.epoch, self.step, self.batch
         while True:
-            block = L.epoch_indices(epoch)
-            for s in range(step, L.steps_per_epoch):
+            block = epoch_block(self.n, self.seed, epoch, self.rank, self.steps * B)
+            for s in range(step, self.steps):
                 yield [(epoch, s * B + j, block[s * B + j]) for j in range(B)]
             epoch, step = epoch + 1, 0
 
@@ -170,7 +173,9 @@ class TorchLoader:
 
     def _start(self) -> None:
         w = self.num_workers
-        dl = DataLoader(self._ds, batch_sampler=_Batches(self, self.epoch, self.step_in_epoch),
+        batches = _Batches(len(self.dataset), self.cfg.data.seed, self.rank, self.steps_per_epoch,
+                           self.batch_size, self.epoch, self.step_in_epoch)
+        dl = DataLoader(self._ds, batch_sampler=batches,
                         num_workers=w, collate_fn=_Collate(self.dtype),
                         pin_memory=self.device.type == "cuda", persistent_workers=False,
                         prefetch_factor=4 if w > 0 else None)
@@ -207,11 +212,23 @@ class TorchLoader:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         return Batch(x_weak=weak, x_strong=strong, labels=labels)
 
+    def close(self) -> None:
+        """Stop the worker processes (also done when the loader is deleted)."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
 
     def load_state_dict(self, state: dict) -> None:
-        self._it = None  # workers of the old position are dropped with the iterator
+        self.close()  # workers of the old position are dropped with the iterator
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
 
 
