@@ -46,10 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench.add_cli_command(sub)
     benchdata.add_cli_command(sub)
-    from . import bench, benchdata  # bench, make-bench-data (torch imported lazily by bench)
-
-    bench.add_cli_command(sub)
-    benchdata.add_cli_command(sub)
     from .eval_cli import add_cli_commands as add_eval_commands  # knn, linear, export
 
     add_eval_commands(sub)
