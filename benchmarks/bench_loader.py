@@ -2,7 +2,7 @@
 reference loader, full weak + strong augmentation, side by side in one run.
 
 Data: ImageNet-like JPEGs made from scikit-image's bundled photographs (random crops rescaled to
-about 400x350 px on average, quality 90), written once to --data (default bench_out/jpegs, ignored
+about 400x350 px on average, quality 90), written once to --data (default bench_out/loader_jpegs, ignored
 by git), 8 class folders.
 
 Reported figure: source images/s (one image = its weak + strong view), after warm-up, median of
@@ -70,13 +70,13 @@ def measure(loader, warmup: int, batches: int, repeats: int, batch: int, sync) -
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default="bench_out/jpegs")
-    ap.add_argument("--images", type=int, default=2560)
+    ap.add_argument("--data", default="bench_out/loader_jpegs")
+    ap.add_argument("--images", type=int, default=3200)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--batches", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--batches", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--loaders", default="dali,torch")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda for DALI mixed decode")

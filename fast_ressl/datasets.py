@@ -207,8 +207,12 @@ def scan_files(paths: Sequence[str], num_threads: int = 4, progress: bool = True
     n = len(paths)
     if n == 0:
         return bad
+    def chunked(pool, chunk: int = 4096):  # bounded number of pending futures (ImageNet: 1.3M files)
+        for i in range(0, n, chunk):
+            yield from pool.map(check_image, paths[i:i + chunk])
+
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-        results = pool.map(check_image, paths, chunksize=16)
+        results = chunked(pool)
         if progress:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                        TimeRemainingColumn)
@@ -279,9 +283,17 @@ def scan_dataset(ds: FileDataset, denylist: str, num_threads: int = 4, progress:
     return bad
 
 
-def _wait_for(path: str, timeout_s: float = 6 * 3600) -> None:
+def _wait_for(path: str, num_files: int, timeout_s: float = 6 * 3600) -> Dict[str, str]:
+    """Rank > 0: wait until rank 0 has written a denylist for `num_files` files; return it."""
     t0 = time.time()
-    while not os.path.exists(path):
+    while True:
+        if os.path.exists(path):
+            try:
+                num, bad = read_denylist(path)
+                if num == num_files:
+                    return bad
+            except (OSError, ValueError, KeyError):
+                pass
         if time.time() - t0 > timeout_s:
             raise DataError(f"timed out waiting for rank 0 to write the denylist {path}")
         time.sleep(1.0)
@@ -347,8 +359,7 @@ def prepare_dataset(cfg, rank: int = 0, progress: bool = True) -> FileDataset:
                       f"(writes {path})", file=sys.stderr)
             bad = scan_dataset(ds, path, num_threads=d.num_threads, progress=progress)
         else:
-            _wait_for(path)
-            _, bad = read_denylist(path)
+            bad = _wait_for(path, len(ds.files))
     return apply_denylist(ds, bad, d.max_bad_fraction, where=key)
 
 
