@@ -1,0 +1,520 @@
+"""Evaluation and export of a pretrained backbone: weighted kNN, linear probe, timm-loadable weights.
+
+- `knn_classify`: the common weighted kNN protocol (InstDisc/DINO): L2-normalised features, cosine
+  similarity, the k nearest training samples vote for their class with weight exp(sim / T)
+  (k=200, T=0.1 by default).
+- `knn_monitor`: called by the training loop at every epoch boundary; every `eval.knn_every_epochs`
+  epochs it extracts features of a labelled training subset and of the validation set with the
+  student backbone (eval mode, center crops) and logs kNN top-1/top-5 to metrics.jsonl and the
+  console. At the last epoch, with `eval.knn_compare_random=true`, it also prints the same number for
+  the same backbone randomly initialised (the demo's "did it learn" line).
+- `linear_probe`: frozen backbone (eval mode), one Linear layer initialised N(0, 0.01), SGD lr 0.3,
+  momentum 0.9, no weight decay, batch 256, cosine, RandomResizedCrop + flip (the paper's protocol);
+  reports the FINAL epoch's top-1/top-5 (not the best).
+- `export_backbone`: the backbone's weights as safetensors with the keys of
+  `timm.create_model(name, num_classes=0).state_dict()`; `load_exported` rebuilds a timm model from
+  such a file (including the small-input-stem ResNets, which plain timm cannot build).
+
+Eval data: `data.source=embedded` uses the embedded train/val folders; `folder` uses `data.root`
+(train) and `data.val_root`; other sources need explicit `--train-root/--val-root`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import log
+from .config import Config, CropConfig, from_dict
+
+_EXPORT_FORMAT = "fast_ressl-backbone-v1"
+
+
+# ----------------------------------------------------------------------------- kNN
+@torch.no_grad()
+def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                 num_classes: int, k: int = 200, temperature: float = 0.1,
+                 chunk: int = 1024) -> torch.Tensor:
+    """Class scores (M, num_classes) of the weighted kNN vote: each of the k nearest training
+    features (cosine similarity s) adds exp(s / T) to its class. Features are L2-normalised here."""
+    train = F.normalize(train_feats.float(), dim=1)
+    test = F.normalize(test_feats.float(), dim=1)
+    labels = train_labels.to(train.device, torch.int64)
+    k = min(k, train.shape[0])
+    out = []
+    for i in range(0, test.shape[0], chunk):
+        sim = test[i:i + chunk] @ train.T  # (m, N)
+        top_sim, top_idx = sim.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        scores = torch.zeros(sim.shape[0], num_classes, device=train.device)
+        scores.scatter_add_(1, labels[top_idx], weights)
+        out.append(scores)
+    return torch.cat(out)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> Dict[str, float]:
+    """Top-k accuracies in percent (k capped at the number of classes)."""
+    labels = labels.to(scores.device)
+    order = scores.argsort(dim=1, descending=True)
+    res = {}
+    for k in ks:
+        hit = (order[:, :min(k, scores.shape[1])] == labels[:, None]).any(dim=1)
+        res[f"top{k}"] = 100.0 * hit.float().mean().item()
+    return res
+
+
+# ----------------------------------------------------------------------------- data
+def eval_roots(cfg: Config, train_root: Optional[str] = None,
+               val_root: Optional[str] = None) -> Tuple[str, str]:
+    """(train class folders, val class folders) for evaluating a run of `cfg`."""
+    d = cfg.data
+    if train_root is None or val_root is None:
+        if d.source == "embedded":
+            from .embedded import ensure_embedded
+
+            paths = ensure_embedded(d.embedded_dir, quiet=True)
+            train_root = train_root or paths["train"]
+            val_root = val_root or d.val_root or paths["val"]
+        elif d.source == "folder":
+            train_root = train_root or d.root
+            val_root = val_root or d.val_root
+    if not train_root or not val_root:
+        raise ValueError(f"no labelled eval data for data.source={d.source}: pass --train-root and "
+                         "--val-root (class folders), or set data.val_root with data.source=folder")
+    return str(train_root), str(val_root)
+
+
+def _dataset(cfg: Config, root: str, max_samples: int = 0, seed: int = 0):
+    """The class folders at `root` (bad files dropped via the denylist scan), optionally a fixed
+    random subset of `max_samples` files."""
+    from .datasets import FileDataset, prepare_dataset
+
+    sub = copy.deepcopy(cfg)
+    sub.data.source, sub.data.root, sub.data.denylist = "folder", str(root), None
+    ds = prepare_dataset(sub, progress=False)
+    if max_samples and len(ds) > max_samples:
+        g = torch.Generator().manual_seed(seed)
+        idx = sorted(torch.randperm(len(ds), generator=g)[:max_samples].tolist())
+        ds = FileDataset([ds.files[i] for i in idx], [ds.labels[i] for i in idx], ds.classes, ds.root,
+                         ds.bad_files, ds.bad_reasons)
+    return ds
+
+
+def eval_batches(cfg: Config, ds, device: torch.device, batch_size: int = 256):
+    """Center-crop eval batches (resize shorter side to data.eval_resize, crop data.weak.size) from
+    the configured loader (DALI, or the torchvision reference loader)."""
+    if cfg.data.loader == "dali":
+        try:
+            from pipelines_dali.loader import DaliEvalLoader
+
+            return DaliEvalLoader(cfg, ds, device=device, batch_size=batch_size, progress=False)
+        except ImportError:
+            pass
+    from .data_torch import TorchEvalLoader
+
+    return TorchEvalLoader(cfg, ds, device=device, batch_size=batch_size, progress=False,
+                           num_workers=0 if len(ds) <= 4096 else None)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, batches, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pooled backbone features of every batch (eval mode; the module's mode is restored)."""
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    try:
+        for x, y in batches:
+            x = x.to(device, non_blocking=True)
+            x = x.float() if device.type == "cpu" else x
+            with _autocast(device):
+                f = backbone(x.contiguous(memory_format=torch.channels_last))
+            feats.append(f.float())
+            labels.append(y.to(device))
+    finally:
+        backbone.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+class _CachedImages:
+    """Decoded center-crop batches kept in memory (small eval sets: the monitor decodes once)."""
+
+    def __init__(self, batches):
+        self.items = [(x.clone(), y.clone()) for x, y in batches]
+
+    def __iter__(self):
+        return iter(self.items)
+
+
+def _images_bytes(cfg: Config, n: int) -> int:
+    return n * 3 * cfg.data.weak.size ** 2 * 2
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A run directory (runs/<name>), its checkpoints/ folder or a checkpoint file -> the .pt file."""
+    p = Path(path)
+    if p.is_dir():
+        for cand in (p / "checkpoints" / "last.pt", p / "last.pt"):
+            if cand.is_file():
+                return cand
+        raise FileNotFoundError(f"{p} holds no checkpoints/last.pt (is it a run directory?)")
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such run directory or checkpoint file")
+    return p
+
+
+def run_dir_of_checkpoint(ckpt: Path) -> Path:
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def _strip(key: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def backbone_state(sd: dict, which: str = "student") -> Dict[str, torch.Tensor]:
+    """`backbone.*` tensors of the student or teacher state dict, prefix stripped."""
+    net = sd[which]
+    out = {}
+    for key, value in net.items():
+        key = _strip(key)
+        if key.startswith("backbone."):
+            out[key[len("backbone."):]] = value
+    if not out:
+        raise ValueError(f"the checkpoint's {which} holds no backbone.* weights")
+    return out
+
+
+def build_backbone(cfg: Config, state: Optional[Dict[str, torch.Tensor]] = None,
+                   seed: int = 0) -> nn.Module:
+    """The timm backbone of `cfg.model` (with the small-input stem if configured); `state` None =
+    random initialisation (seeded)."""
+    from .model import _small_input_stem
+    import timm
+
+    torch.manual_seed(seed)
+    m = timm.create_model(cfg.model.backbone, num_classes=0, pretrained=False)
+    if cfg.model.small_input_stem:
+        _small_input_stem(m, cfg.model.backbone)
+    if state is not None:
+        m.load_state_dict(state, strict=True)
+    return m
+
+
+def load_backbone(path: str | os.PathLike, which: str = "student",
+                  device: torch.device | str = "cpu") -> Tuple[nn.Module, Config, Path]:
+    """(backbone, config, checkpoint path) from a run directory or checkpoint file."""
+    from .checkpoint import safe_load
+
+    ckpt = resolve_checkpoint(path)
+    sd = safe_load(ckpt, map_location="cpu")
+    if "config" not in sd or which not in sd:
+        raise ValueError(f"{ckpt} is not a fast_ressl checkpoint (needs 'config' and '{which}')")
+    cfg = from_dict(sd["config"])
+    bb = build_backbone(cfg, backbone_state(sd, which))
+    return bb.to(device).to(memory_format=torch.channels_last), cfg, ckpt
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------- offline kNN
+def knn_eval(backbone: nn.Module, train_batches, val_batches, num_classes: int, device: torch.device,
+             k: int = 200, temperature: float = 0.1) -> Dict[str, float]:
+    tf, tl = extract_features(backbone, train_batches, device)
+    vf, vl = extract_features(backbone, val_batches, device)
+    return topk_accuracy(knn_classify(tf, tl, vf, num_classes, k, temperature), vl)
+
+
+def knn_command(path: str, teacher: bool = False, train_root: Optional[str] = None,
+                val_root: Optional[str] = None, k: int = 200, temperature: float = 0.1,
+                train_samples: int = 0, compare_random: bool = False, batch_size: int = 256,
+                device: str = "auto", out: Optional[str] = None) -> dict:
+    """`fast-ressl knn`: weighted kNN top-1/top-5 of a run's backbone; JSON next to the run."""
+    dev = _device(device)
+    which = "teacher" if teacher else "student"
+    backbone, cfg, ckpt = load_backbone(path, which, dev)
+    tr_root, va_root = eval_roots(cfg, train_root, val_root)
+    tr_ds, va_ds = _dataset(cfg, tr_root, train_samples), _dataset(cfg, va_root)
+    num_classes = len(tr_ds.classes)
+    t0 = time.perf_counter()
+    tr = _CachedImages(eval_batches(cfg, tr_ds, dev, batch_size)) if compare_random else \
+        eval_batches(cfg, tr_ds, dev, batch_size)
+    va = _CachedImages(eval_batches(cfg, va_ds, dev, batch_size)) if compare_random else \
+        eval_batches(cfg, va_ds, dev, batch_size)
+    res: Dict[str, Any] = {"checkpoint": str(ckpt), "weights": which, "backbone": cfg.model.backbone,
+                           "k": k, "temperature": temperature, "train_root": tr_root,
+                           "val_root": va_root, "train_samples": len(tr_ds), "val_samples": len(va_ds)}
+    res["pretrained"] = knn_eval(backbone, tr, va, num_classes, dev, k, temperature)
+    if compare_random:
+        rnd = build_backbone(cfg, None, seed=cfg.train.seed).to(dev).to(memory_format=torch.channels_last)
+        res["random_init"] = knn_eval(rnd, tr, va, num_classes, dev, k, temperature)
+    res["wall_s"] = round(time.perf_counter() - t0, 2)
+    out_path = Path(out) if out else run_dir_of_checkpoint(ckpt) / "knn.json"
+    log.write_json(out_path, res)
+    log.info(_knn_line(res, k, temperature) + f"; written to {out_path}")
+    return res
+
+
+def _knn_line(res: dict, k: int, temperature: float) -> str:
+    p = res["pretrained"]
+    line = f"kNN (k={k}, T={temperature}) val top-1 {p['top1']:.2f}%  top-5 {p['top5']:.2f}%"
+    if "random_init" in res:
+        r = res["random_init"]
+        line = (f"kNN (k={k}, T={temperature}) val top-1: pretrained {p['top1']:.2f}% vs same backbone "
+                f"randomly initialised {r['top1']:.2f}% ({p['top1'] - r['top1']:+.2f} points)")
+    return line
+
+
+# ----------------------------------------------------------------------------- online monitor
+class _MonitorData:
+    """Per-run cache of the monitor's eval data (built on the first call)."""
+
+    key: Optional[str] = None
+    train: Any = None
+    val: Any = None
+    num_classes: int = 0
+    disabled_reason: Optional[str] = None
+
+
+_MONITOR = _MonitorData()
+
+
+def _monitor_data(cfg: Config, device: torch.device) -> Optional[_MonitorData]:
+    e = cfg.eval
+    key = f"{id(cfg)}"
+    if _MONITOR.key == key:
+        return None if _MONITOR.disabled_reason else _MONITOR
+    _MONITOR.key, _MONITOR.disabled_reason = key, None
+    try:
+        tr_root, va_root = eval_roots(cfg)
+    except ValueError as err:
+        _MONITOR.disabled_reason = str(err)
+        log.info(f"kNN monitor off: {err}")
+        return None
+    tr_ds = _dataset(cfg, tr_root, e.knn_train_samples, seed=cfg.data.seed)
+    va_ds = _dataset(cfg, va_root, e.knn_val_samples, seed=cfg.data.seed)
+    _MONITOR.num_classes = len(tr_ds.classes)
+    cache = _images_bytes(cfg, len(tr_ds) + len(va_ds)) <= e.cache_mb * 2 ** 20
+    _MONITOR.train = eval_batches(cfg, tr_ds, device, e.batch_size)
+    _MONITOR.val = eval_batches(cfg, va_ds, device, e.batch_size)
+    if cache:
+        _MONITOR.train, _MONITOR.val = _CachedImages(_MONITOR.train), _CachedImages(_MONITOR.val)
+    return _MONITOR
+
+
+def knn_monitor(cfg: Config, env: Any, state: Any, meter: Any, epoch: int, total_epochs: int) -> None:
+    """Called by the loop after each completed epoch (`epoch` counts from 1). Rank 0 evaluates;
+    other ranks go on to their next step (and wait there in the gradient all-reduce)."""
+    e = cfg.eval
+    final = epoch >= total_epochs
+    due = bool(e.knn_every_epochs) and epoch % e.knn_every_epochs == 0
+    compare = final and e.knn_compare_random
+    if not (due or compare) or not env.is_main:
+        return
+    data = _monitor_data(cfg, env.device)
+    if data is None:
+        return
+    t0 = time.perf_counter()
+    backbone = getattr(state.student, "module", state.student).backbone
+    res = {"pretrained": knn_eval(backbone, data.train, data.val, data.num_classes, env.device,
+                                  e.knn_k, e.knn_t)}
+    record = {"step": state.step, "epoch": epoch - 1, "knn_top1": res["pretrained"]["top1"],
+              "knn_top5": res["pretrained"]["top5"]}
+    if compare:
+        rnd = build_backbone(cfg, None, seed=cfg.train.seed).to(env.device)
+        rnd = rnd.to(memory_format=torch.channels_last)
+        res["random_init"] = knn_eval(rnd, data.train, data.val, data.num_classes, env.device,
+                                      e.knn_k, e.knn_t)
+        record["knn_top1_random_init"] = res["random_init"]["top1"]
+    record["knn_s"] = round(time.perf_counter() - t0, 3)
+    record["time"] = time.time()
+    if meter.metrics is not None:
+        meter.metrics.write(record)
+    log.info(f"epoch {epoch}/{total_epochs}: " + _knn_line(res, e.knn_k, e.knn_t)
+             + f"  [{record['knn_s']:.1f} s]")
+    if compare:
+        from .train import run_dir_of
+
+        log.write_json(run_dir_of(cfg) / "knn.json", {"step": state.step, "k": e.knn_k,
+                                                       "temperature": e.knn_t, **res})
+
+
+# ----------------------------------------------------------------------------- linear probe
+def _train_batches(cfg: Config, ds, size: int, batch_size: int, seed: int):
+    """RandomResizedCrop(size, scale 0.08-1) + flip batches over `ds`, reshuffled every epoch."""
+    from torch.utils.data import DataLoader
+
+    from .data_torch import _EvalDataset, weak_transform
+
+    tf = weak_transform(cfg.data, CropConfig(size=size, scale_min=0.08, scale_max=1.0))
+    g = torch.Generator().manual_seed(seed)
+    nw = 0 if len(ds) <= 4096 else cfg.data.num_threads
+    return DataLoader(_EvalDataset(ds, tf), batch_size=batch_size, shuffle=True, drop_last=False,
+                      num_workers=nw, generator=g, persistent_workers=nw > 0)
+
+
+def linear_probe(backbone: nn.Module, cfg: Config, train_ds, val_ds, device: torch.device,
+                 epochs: int = 100, lr: float = 0.3, momentum: float = 0.9, weight_decay: float = 0.0,
+                 batch_size: int = 256, augment: bool = True, seed: int = 0,
+                 log_every_epochs: int = 10) -> dict:
+    """The linear protocol on the frozen backbone; returns the final epoch's val top-1/top-5."""
+    torch.manual_seed(seed)
+    num_classes = len(train_ds.classes)
+    backbone.eval().requires_grad_(False)
+    val_f, val_y = extract_features(backbone, eval_batches(cfg, val_ds, device, batch_size), device)
+    cached = None
+    if not augment:  # center-crop features once: a fast probe for small data and tests
+        cached = extract_features(backbone, eval_batches(cfg, train_ds, device, batch_size), device)
+        train_iter = None
+    else:
+        train_iter = _train_batches(cfg, train_ds, cfg.data.weak.size, batch_size, seed)
+    fc = nn.Linear(val_f.shape[1], num_classes).to(device)
+    nn.init.normal_(fc.weight, 0.0, 0.01)
+    nn.init.zeros_(fc.bias)
+    opt = torch.optim.SGD(fc.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    n_train = len(train_ds)
+    steps_per_epoch = max(1, math.ceil(n_train / batch_size))
+    total = epochs * steps_per_epoch
+    step = 0
+    history: List[dict] = []
+    for epoch in range(epochs):
+        if cached is not None:
+            perm = torch.randperm(n_train, device=device)
+            batches = ((cached[0][perm[i:i + batch_size]], cached[1][perm[i:i + batch_size]])
+                       for i in range(0, n_train, batch_size))
+        else:
+            batches = _feature_stream(backbone, train_iter, device)
+        loss_sum, seen = 0.0, 0
+        for f, y in batches:
+            for group in opt.param_groups:  # cosine over iterations, no warm-up
+                group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / total))
+            loss = F.cross_entropy(fc(f), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * y.shape[0]
+            seen += y.shape[0]
+            step += 1
+        if (epoch + 1) % log_every_epochs == 0 or epoch + 1 == epochs:
+            with torch.no_grad():
+                acc = topk_accuracy(fc(val_f), val_y)
+            history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), **acc})
+            log.info(f"linear epoch {epoch + 1}/{epochs}: train loss {loss_sum / max(seen, 1):.4f}  "
+                     f"val top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%")
+    final = history[-1]
+    return {"top1": final["top1"], "top5": final["top5"], "epochs": epochs, "lr": lr,
+            "momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size,
+            "augment": augment, "num_classes": num_classes, "history": history}
+
+
+def _feature_stream(backbone: nn.Module, loader, device: torch.device):
+    for x, y in loader:
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), _autocast(device):
+            f = backbone(x)
+        yield f.float(), y.to(device)
+
+
+def linear_command(path: str, teacher: bool = False, train_root: Optional[str] = None,
+                   val_root: Optional[str] = None, epochs: int = 100, lr: float = 0.3,
+                   momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 256,
+                   augment: bool = True, device: str = "auto", out: Optional[str] = None) -> dict:
+    """`fast-ressl linear`: linear probe; prints and writes the final top-1/top-5."""
+    dev = _device(device)
+    which = "teacher" if teacher else "student"
+    backbone, cfg, ckpt = load_backbone(path, which, dev)
+    tr_root, va_root = eval_roots(cfg, train_root, val_root)
+    t0 = time.perf_counter()
+    res = linear_probe(backbone, cfg, _dataset(cfg, tr_root), _dataset(cfg, va_root), dev, epochs, lr,
+                       momentum, weight_decay, batch_size, augment, seed=cfg.train.seed,
+                       log_every_epochs=max(1, epochs // 10))
+    res.update({"checkpoint": str(ckpt), "weights": which, "backbone": cfg.model.backbone,
+                "train_root": tr_root, "val_root": va_root,
+                "wall_s": round(time.perf_counter() - t0, 2)})
+    out_path = Path(out) if out else run_dir_of_checkpoint(ckpt) / "linear.json"
+    log.write_json(out_path, res)
+    log.info(f"linear probe (final epoch {epochs}): val top-1 {res['top1']:.2f}%  top-5 "
+             f"{res['top5']:.2f}%; written to {out_path}")
+    return res
+
+
+# ----------------------------------------------------------------------------- export
+def export_backbone(path: str | os.PathLike, out: str | os.PathLike, teacher: bool = False) -> dict:
+    """Write the backbone as safetensors with timm's state_dict keys (no classifier: the backbone
+    was built with num_classes=0). Metadata: architecture, weights (student/teacher), small stem."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import safe_load
+
+    ckpt = resolve_checkpoint(path)
+    sd = safe_load(ckpt, map_location="cpu")
+    which = "teacher" if teacher else "student"
+    cfg = from_dict(sd["config"])
+    state = {k: v.detach().contiguous().clone() for k, v in backbone_state(sd, which).items()}
+    build_backbone(cfg).load_state_dict(state, strict=True)  # refuse anything timm would not load
+    meta = {"format": _EXPORT_FORMAT, "architecture": cfg.model.backbone, "weights": which,
+            "small_input_stem": str(bool(cfg.model.small_input_stem)).lower(),
+            "num_features": str(build_backbone(cfg).num_features), "step": str(sd.get("step", "")),
+            "source": str(ckpt)}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out), metadata=meta)
+    name = cfg.model.backbone
+    log.info(f"exported the {which} {name} backbone ({len(state)} tensors) to {out}")
+    if cfg.model.small_input_stem:
+        log.info("note: this backbone has the small-input stem (3x3 stride-1 conv1, no max-pool), which "
+                 "timm.create_model cannot build; load it with\n  from fast_ressl.evaluate import "
+                 f"load_exported; model = load_exported('{out}')")
+    else:
+        log.info(f"load it with timm:\n  timm.create_model('{name}', pretrained=True, "
+                 f"pretrained_cfg_overlay=dict(file='{out}', num_classes=0))")
+    return meta
+
+
+def read_export_metadata(path: str | os.PathLike) -> Dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_exported(path: str | os.PathLike, num_classes: int = 0) -> nn.Module:
+    """A timm model with an exported backbone loaded (strictly); num_classes > 0 adds a fresh head.
+    Works for small-input-stem ResNets too (the stem is rebuilt before loading)."""
+    import timm
+    from safetensors.torch import load_file
+
+    meta = read_export_metadata(path)
+    if meta.get("format") != _EXPORT_FORMAT:
+        raise ValueError(f"{path} is not a fast_ressl backbone export")
+    name = meta["architecture"]
+    if meta.get("small_input_stem") != "true":
+        return timm.create_model(name, pretrained=True, num_classes=num_classes,
+                                 pretrained_cfg_overlay=dict(file=str(path), num_classes=0))
+    from .model import _small_input_stem
+
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    _small_input_stem(model, name)
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    head = set(model.state_dict()) - set(timm.create_model(name, num_classes=0).state_dict())
+    if unexpected or set(missing) - head:
+        raise ValueError(f"{path}: unexpected keys {unexpected}, missing {sorted(set(missing) - head)}")
+    return model
