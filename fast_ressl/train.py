@@ -310,6 +310,8 @@ def run_loop(cfg: Config, env: Env, s: State, loss_fn: Callable, bn_policy: str,
             stop_flag.signum = stop_flag.signum or signal.SIGTERM  # a peer rank got the signal
             _info(env, f"signal {stop_flag.signum}: stopped at step {s.step}, checkpoint written")
             return
+        if s.step % steps_per_epoch == 0:  # epoch boundary: online kNN monitor (evaluate.py)
+            knn_monitor(cfg, env, s, meter, s.step // steps_per_epoch, total_steps // steps_per_epoch)
 
 
 def _wrap_student(student: torch.nn.Module, cfg: Config, env: Env) -> torch.nn.Module:
