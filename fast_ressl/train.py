@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import random
 import signal
@@ -111,9 +112,13 @@ class State:
 
     def state_dict(self, cfg: Config, env: Env) -> Optional[dict]:
         """Collective (every rank calls it): rank 0 gets the full dict, the others None."""
-        per_rank = dist.gather_objects({"rng": _rng_state(), "loader": self.loader.state_dict()}, env)
+        per_rank = dist.gather_objects({"rng": _rng_state(), "loader": self.loader.state_dict(),
+                                        "fingerprint": self.fingerprint()}, env)
         if not env.is_main:
             return None
+        if len({r["fingerprint"] for r in per_rank}) > 1:  # DDP + the global queue should prevent this
+            _info(env, "warning: ranks hold different student/teacher/queue states: "
+                  + ", ".join(f"rank {i}: {r['fingerprint'][:12]}" for i, r in enumerate(per_rank)))
         return {
             "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
             "queue": self.queue.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -122,6 +127,17 @@ class State:
             "bad_files": list(getattr(self.loader, "bad_files", [])),
             "config": redact_obj(to_dict(cfg)), "config_hash": config_hash(cfg),
         }
+
+    def fingerprint(self) -> str:
+        """sha256 of student and teacher parameters and the queue (+ pointer): equal on every rank
+        when in sync. BN running statistics are per rank (DDP runs with broadcast_buffers=False)."""
+        h = hashlib.sha256()
+        for module in (self.student, self.teacher):
+            for t in module.parameters():
+                h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(self.queue.buffer.cpu().numpy().tobytes())
+        h.update(str(int(self.queue.ptr)).encode())
+        return h.hexdigest()
 
     def load_state_dict(self, sd: dict, env: Env) -> None:
         if sd["world_size"] != env.world_size:
@@ -276,7 +292,7 @@ def run_loop(cfg: Config, env: Env, s: State, loss_fn: Callable, bn_policy: str,
     prep = functools.partial(_prep, device=dev, fp32=t_cfg.precision == "fp32", cl=t_cfg.channels_last)
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
     nce_steps = round(cfg.method.infonce_warmup_epochs * steps_per_epoch)
-    guard = NonFiniteGuard(s.optimizer, s.scaler, env)
+    guard = NonFiniteGuard(s.optimizer, s.scaler, env, [s.student, s.teacher])
     data = iter(s.loader)
     for step in range(s.step, end_step):
         lr = lr_at(step, base_lr, warmup_steps, total_steps, cfg.optim.min_lr)
@@ -287,6 +303,7 @@ def run_loop(cfg: Config, env: Env, s: State, loss_fn: Callable, bn_policy: str,
             group["lr"] = lr
         batch = meter.timed_next(data)
         x_weak, x_strong = prep(batch.x_weak), [prep(x) for x in batch.x_strong]
+        guard.snapshot_buffers()
         with amp:
             q = F.normalize(student(x_strong).float(), dim=-1)  # (V, N, D)
             k_all = F.normalize(dist.teacher_keys(teacher, x_weak, env, bn_policy, step, t_cfg.seed).float(),
@@ -296,7 +313,7 @@ def run_loop(cfg: Config, env: Env, s: State, loss_fn: Callable, bn_policy: str,
         ok = guard.finite(loss)  # device bool, equal on all ranks
         s.optimizer.zero_grad(set_to_none=True)
         s.scaler.scale(loss).backward()
-        guard.step(ok)  # no optimizer step, EMA or enqueue when any rank's loss is non-finite
+        guard.step(ok)  # no optimizer step, BN-statistics, EMA or enqueue change when any loss is non-finite
         ema_update_(t_params, s_params, m, ok)
         s.queue.push(k_all, ok)  # after the loss: it saw the queue from before this batch
         s.step = step + 1
@@ -342,15 +359,25 @@ class NonFiniteGuard:
     hook (timm LARS/LAMB, foreach SGD) cost one host sync per step here.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, env: Env):
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, env: Env,
+                 modules: List[torch.nn.Module]):
         self.optimizer, self.scaler, self.env = optimizer, scaler, env
         self.device_skip = scaler.is_enabled() or bool(optimizer.defaults.get("fused"))
+        # BN running statistics change in the forward pass; a skipped step restores them.
+        self.buffers = [b for m in modules for b in m.buffers()]
+        self.backup = [b.clone() for b in self.buffers]
+
+    def snapshot_buffers(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.backup, self.buffers)
 
     def finite(self, loss: torch.Tensor) -> torch.Tensor:
         bad = (~torch.isfinite(loss.detach())).to(torch.int32)
         return dist.all_reduce_(bad, self.env, "max") == 0
 
     def step(self, ok: torch.Tensor) -> None:
+        for b, old in zip(self.buffers, self.backup):  # where(), not lerp: NaN * 0 is NaN
+            b.copy_(torch.where(ok, b, old))
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)
             self.scaler.update()

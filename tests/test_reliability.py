@@ -1,0 +1,254 @@
+"""Reliability promises (shared/design/reliability.md) tested with real faults: kill -9, SIGTERM,
+2 ranks over gloo, injected NaN, truncated and malicious checkpoints, secrets in the environment."""
+import json
+import os
+import pickle
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_jpeg_folder
+from fast_ressl.checkpoint import CheckpointError, safe_load
+from fast_ressl.config import load_config
+from fast_ressl.train import NonFiniteAbort, train
+
+REPO = Path(__file__).resolve().parents[1]
+# The subprocess runs use an empty recipe: the defaults plus the overrides below, nothing else.
+RECIPE = Path(tempfile.mkdtemp(prefix="fast_ressl_rel_")) / "tiny.yaml"
+RECIPE.write_text("{}\n")
+MODEL = ["model.backbone=test_resnet", "model.proj_hidden_dim=32", "model.proj_dim=16",
+         "method.compile_loss=false", "train.log_every=1", "optim.warmup_epochs=0.5"]
+SYNTH = ["data.source=synthetic", "data.num_samples=32", "data.weak={size: 32}", "data.strong=[{size: 32}]",
+         "method.queue_size=64", "train.batch_size=8", "train.epochs=2", *MODEL]
+
+
+def _folder_overrides(root):
+    # 3 classes x 16 images, global batch 8: 6 steps per epoch, 2 epochs.
+    return ["data.source=folder", f"data.root={root}", "data.weak={size: 32}", "data.strong=[{size: 32}]",
+            "data.num_threads=1", "method.queue_size=64", "train.batch_size=8", "train.epochs=2",
+            "train.precision=fp32", "train.deterministic=true", "train.ckpt_every=2", *MODEL]
+
+
+def _cmd(*overrides):
+    return [sys.executable, "-m", "fast_ressl", "train", str(RECIPE), *overrides]
+
+
+def _torchrun(nproc, *overrides):
+    with socket.socket() as s:  # a free port for the rendezvous on loopback
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "fast_ressl", "train",
+            str(RECIPE), *overrides]
+
+
+def _env(**extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    env.pop("FAST_RESSL_FAULT_NAN", None)
+    env.update(extra)
+    return env
+
+
+def _run(cmd, timeout=300, **env):
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=_env(**env))
+    return out
+
+
+def _metrics(run):
+    """Last record per step (a killed run re-runs the steps after its last checkpoint)."""
+    by_step = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        by_step[r["step"]] = r
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def _wait_for_step(run, proc, step, timeout=240):
+    t0 = time.time()
+    path = run / "metrics.jsonl"
+    while time.time() - t0 < timeout:
+        if path.exists():
+            steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+            if steps and max(steps) >= step:
+                return max(steps)
+        assert proc.poll() is None, f"run ended early: {proc.stderr.read() if proc.stderr else ''}"
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def _assert_same_state(a, b):
+    for key in ("student", "teacher"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
+    assert torch.equal(a["queue"]["buffer"], b["queue"]["buffer"])
+    assert int(a["queue"]["ptr"]) == int(b["queue"]["ptr"])
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rel") / "images"
+    make_jpeg_folder(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(folder, tmp_path_factory):
+    run = tmp_path_factory.mktemp("rel") / "a"
+    out = _run(_cmd(*_folder_overrides(folder), f"run.dir={run}"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run
+
+
+def test_kill9_then_same_command_is_bitwise_exact(folder, uninterrupted, tmp_path):
+    run = tmp_path / "b"
+    cmd = _cmd(*_folder_overrides(folder), f"run.dir={run}")
+    kill_at = random.Random().randint(3, 10)  # a random step; printed on failure
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=_env())
+    reached = _wait_for_step(run, proc, kill_at)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    out = _run(cmd)  # the same command again
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stdout, (kill_at, reached, out.stdout)
+    la, lb = _metrics(uninterrupted), _metrics(run)
+    assert [r["step"] for r in lb] == list(range(1, 13))
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb], f"killed at step {reached}"
+    _assert_same_state(safe_load(uninterrupted / "checkpoints/last.pt"), safe_load(run / "checkpoints/last.pt"))
+
+
+def test_sigterm_checkpoints_exits_143_and_resumes_at_next_step(folder, uninterrupted, tmp_path):
+    run = tmp_path / "t"
+    cmd = _cmd(*_folder_overrides(folder), f"run.dir={run}", "train.ckpt_every=100")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())
+    _wait_for_step(run, proc, 3)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    stopped = safe_load(run / "checkpoints/last.pt")["step"]
+    assert 3 <= stopped < 12 and f"stopped at step {stopped}" in stdout
+    assert json.loads((run / "summary.json").read_text())["status"] == "preempted"
+    print(f"SIGTERM to exit: {time.time() - t0:.1f} s")
+    out = _run(cmd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"at step {stopped}" in out.stdout
+    lb = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in lb]
+    assert steps == list(range(1, 13))  # stopped at a step boundary: nothing lost, nothing repeated
+    assert [r["loss"] for r in lb] == [r["loss"] for r in _metrics(uninterrupted)]
+
+
+def _two_rank_run(run, *extra, fault=None, timeout=400):
+    env = {"FAST_RESSL_FAULT_NAN": fault} if fault else {}
+    out = _run(_torchrun(2, *SYNTH, f"run.dir={run}", *extra), timeout=timeout, **env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out
+
+
+def test_two_ranks_identical_queue_and_student_and_nan_guard(tmp_path):
+    """2 ranks over gloo, shuffle-BN: identical per-rank fingerprints at every checkpoint; a NaN on
+    rank 1 at step 3 leaves student, teacher, queue and optimizer unchanged on all ranks."""
+    run = tmp_path / "ddp"
+    out = _two_rank_run(run, "train.ckpt_every=1", "train.keep_checkpoints=10", fault="3:1")
+    assert "x 2 rank(s)" in out.stdout and "teacher BN shuffle" in out.stdout
+    assert "global batch 8 (4 per rank)" in out.stdout and "lr 0.001563" in out.stdout
+    ckpts = {s: safe_load(run / f"checkpoints/step_{s:08d}.pt") for s in (2, 3, 4, 8)}
+    for sd in ckpts.values():
+        fps = [r["fingerprint"] for r in sd["ranks"]]
+        assert len(fps) == 2 and fps[0] == fps[1]
+    _assert_same_state(ckpts[2], ckpts[3])  # the NaN step changed nothing ...
+    for i, st in ckpts[2]["optimizer"]["state"].items():
+        assert torch.equal(st["momentum_buffer"], ckpts[3]["optimizer"]["state"][i]["momentum_buffer"])
+    assert not torch.equal(ckpts[3]["queue"]["buffer"], ckpts[4]["queue"]["buffer"])  # ... then it goes on
+    assert int(ckpts[4]["queue"]["ptr"]) == (3 * 8) % 64  # 3 pushes of the global batch of 8
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["skipped_steps"] == 1
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in metrics] == [0, 0, 1, 1, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("fused", ["true", "false"])
+def test_nan_guard_in_process(tmp_path, monkeypatch, fused):
+    monkeypatch.setenv("FAST_RESSL_FAULT_NAN", "2:0")
+    cfg = load_config(None, SYNTH + [f"run.dir={tmp_path}", f"optim.fused={fused}", "train.ckpt_every=1",
+                                     "train.keep_checkpoints=10", "train.stop_at_step=3"])
+    summary = train(cfg, live=False)
+    assert summary["skipped_steps"] == 1
+    _assert_same_state(safe_load(tmp_path / "checkpoints/step_00000001.pt"),
+                       safe_load(tmp_path / "checkpoints/step_00000002.pt"))
+
+
+def test_nonfinite_streak_stops_the_run_naming_step_and_rank(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAST_RESSL_FAULT_NAN", "2:0,3:0,4:0")
+    cfg = load_config(None, SYNTH + [f"run.dir={tmp_path}", "train.max_nonfinite_steps=3"])
+    with pytest.raises(NonFiniteAbort, match=r"3 non-finite losses in a row by step 4 .*rank\(s\) \[0\]"):
+        train(cfg, live=False)
+
+
+def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, capsys):
+    base = SYNTH + [f"run.dir={tmp_path}", "train.ckpt_every=2", "train.keep_checkpoints=2"]
+    train(load_config(None, base + ["train.stop_at_step=6"]), live=False)
+    numbered = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt"))
+    assert numbered == ["step_00000004.pt", "step_00000006.pt"]  # keep the newest N
+    last = tmp_path / "checkpoints/last.pt"
+    data = last.read_bytes()
+    with open(last, "r+b") as f:  # truncate in place (last.pt and step_6 share the bytes)
+        f.truncate(len(data) // 3)
+    capsys.readouterr()
+    summary = train(load_config(None, base), live=False)
+    out = capsys.readouterr().out
+    assert "skipping unusable checkpoint" in out and "last.pt" in out
+    assert "resumed from" in out and "step_00000004.pt at step 4" in out
+    assert summary["step"] == 8
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_with_pickle_payload_is_refused(tmp_path, capsys):
+    marker = tmp_path / "payload_ran"
+    ckpt_dir = tmp_path / "run/checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    evil = ckpt_dir / "last.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"step": 1, "student": _Payload(marker)}, f)
+    torch.save({"x": _Payload(marker)}, ckpt_dir / "step_00000001.pt")
+    for path in (evil, ckpt_dir / "step_00000001.pt"):
+        with pytest.raises(CheckpointError):
+            safe_load(path)
+    summary = train(load_config(None, SYNTH + [f"run.dir={tmp_path / 'run'}", "train.stop_at_step=1"]),
+                    live=False)
+    assert "skipping unusable checkpoint" in capsys.readouterr().out
+    assert summary["step"] == 1  # started fresh instead of running the payload
+    assert not marker.exists()
+
+
+def test_secrets_never_reach_files_or_logs(tmp_path):
+    token = "tok-9f8e7d6c5b4a"
+    run = tmp_path / "s"
+    out = _run(_cmd(*SYNTH, f"run.dir={run}", "train.stop_at_step=2",
+                    f"data.root=https://bob:hunter2pass@data.invalid/{token}/train"),
+               MY_SERVICE_API_TOKEN=token)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    for path in run.rglob("*"):
+        if path.is_file():
+            text += path.read_bytes().decode("latin-1")
+    assert "hunter2pass" not in text and token not in text
+    assert "https://bob:***@data.invalid/***/train" in (run / "config.yaml").read_text()
