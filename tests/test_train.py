@@ -105,3 +105,15 @@ def test_cli_train_and_config_errors(tmp_path):
     assert "step 2/8" in out.stdout and (run / "summary.json").exists()
     bad = subprocess.run(cmd + ["train.epochz=3"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "train.epochz" in bad.stderr
+
+
+def test_tensorboard_events_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "tb"
+    train(_cfg(run, "train.stop_at_step=3"), live=False)
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
+    assert {"train/lr", "train/img_per_s", "train/data_wait_frac"} <= set(acc.Tags()["scalars"])
