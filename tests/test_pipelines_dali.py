@@ -352,3 +352,24 @@ def test_multicrop_recipe_gives_five_student_views(jpeg_folder):
     L = DaliTrainLoader(cfg, 0, 1, CPU, progress=False)
     b = next(L)
     assert b.x_weak.shape[-1] == 32 and [x.shape[-1] for x in b.x_strong] == [32, 27, 22, 18, 13]
+
+
+# ----------------------------------------------------------------------------- GPU (mixed decode)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_mixed_decode_contract_and_resume(messy_folder):
+    root, _, bad = messy_folder
+    dev = torch.device("cuda", 0)
+    cfg = _cfg(root)
+    L = DaliTrainLoader(cfg, 0, 1, dev, progress=False)
+    assert sorted(L.bad_files) == sorted(bad.values())
+    b = next(L)
+    for x in (b.x_weak, b.x_strong[0]):
+        assert x.device.type == "cuda" and x.dtype == torch.float16
+        assert x.is_contiguous(memory_format=torch.channels_last)
+    assert b.labels.device.type == "cuda" and b.labels.dtype == torch.int64
+    state = L.state_dict()
+    want = [next(L) for _ in range(2)]
+    R = DaliTrainLoader(cfg, 0, 1, dev, progress=False)
+    R.load_state_dict(state)
+    for a, c in zip(want, (next(R) for _ in range(2))):
+        assert torch.equal(a.x_weak, c.x_weak) and torch.equal(a.labels, c.labels)
