@@ -6,8 +6,8 @@ about 400x350 px on average, quality 90), written once to --data (default bench_
 by git), 8 class folders.
 
 Reported figure: source images/s (one image = its weak + strong view), after warm-up, median of
---repeats timed windows of --batches batches each (epoch boundaries, i.e. pipeline rebuilds,
-included). Run:
+--repeats timed windows of --batches batches each, the two loaders' windows interleaved (epoch
+boundaries, i.e. DALI pipeline rebuilds, fall inside the windows as they come). Run:
 
     .venv/bin/python benchmarks/bench_loader.py --threads 2 --batch 64
 """
@@ -52,8 +52,7 @@ def make_jpegs(out: str, n: int, seed: int = 0) -> str:
     return out
 
 
-def measure(loader, warmup: int, batches: int, repeats: int, batch: int, sync) -> list[float]:
-    it = iter(loader)
+def measure(it, warmup: int, batches: int, repeats: int, batch: int, sync) -> list[float]:
     for _ in range(warmup):
         next(it)
     rates = []
@@ -77,7 +76,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--batches", type=int, default=12)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--loaders", default="dali,torch")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda for DALI mixed decode")
     args = ap.parse_args(argv)
@@ -85,7 +84,7 @@ def main(argv=None) -> None:
     root = make_jpegs(args.data, args.images)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    results = {}
+    loaders = {}
     for kind in args.loaders.split(","):
         cfg = load_config(None, [f"data.source=folder", f"data.root={root}", f"data.loader={kind}",
                                  f"data.weak.size={args.size}", f"data.strong=[{{size: {args.size}}}]",
@@ -94,16 +93,21 @@ def main(argv=None) -> None:
         if kind == "dali":
             from pipelines_dali.loader import DaliTrainLoader
 
-            loader = DaliTrainLoader(cfg, 0, 1, device, progress=False)
+            loaders[kind] = iter(DaliTrainLoader(cfg, 0, 1, device, progress=False))
         else:
             from fast_ressl.data_torch import TorchLoader
 
-            loader = TorchLoader(cfg, 0, 1, device, progress=False)
-        rates = measure(loader, args.warmup, args.batches, args.repeats, args.batch, sync)
-        results[kind] = statistics.median(rates)
-        print(f"{kind:6s} {results[kind]:8.1f} images/s (median of {[round(r, 1) for r in rates]})",
-              flush=True)
-        del loader
+            loaders[kind] = iter(TorchLoader(cfg, 0, 1, device, progress=False))
+    # Interleaved windows (dali, torch, dali, torch, ...) so that both loaders see the same
+    # background load on a shared machine. Each window first drains what the loader prefetched
+    # while the other one was timed (--warmup batches), then times --batches batches.
+    rates = {k: [] for k in loaders}
+    for _ in range(args.repeats):
+        for kind, it in loaders.items():
+            rates[kind] += measure(it, args.warmup, args.batches, 1, args.batch, sync)
+    results = {k: statistics.median(v) for k, v in rates.items()}
+    for kind, r in results.items():
+        print(f"{kind:6s} {r:8.1f} images/s (median of {[round(x, 1) for x in rates[kind]]})", flush=True)
     if "dali" in results and "torch" in results:
         print(f"DALI / torchvision = {results['dali'] / results['torch']:.2f}x")
     try:
