@@ -1,0 +1,181 @@
+"""kNN (known answers, the weighted-vote formula), linear probe, export (timm keys and loading), the
+knn/linear/export CLI and the online kNN monitor."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import timm
+import torch
+
+from conftest import make_jpeg_folder
+from fast_ressl import evaluate as E
+from fast_ressl.cli import main
+from fast_ressl.config import load_config, to_dict
+from fast_ressl.model import build_student_teacher
+
+
+# ----------------------------------------------------------------------------- kNN
+def test_knn_known_answer_clusters():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.eye(8)[:4] * 5  # 4 classes, well separated
+    train_y = torch.arange(4).repeat_interleave(30)
+    train = centers[train_y] + 0.3 * torch.randn(120, 8, generator=g)
+    test_y = torch.tensor([3, 0, 2, 1, 1, 0])
+    test = centers[test_y] + 0.3 * torch.randn(6, 8, generator=g)
+    scores = E.knn_classify(train, train_y, test, num_classes=4, k=20, temperature=0.1)
+    assert scores.argmax(1).tolist() == test_y.tolist()
+    assert E.topk_accuracy(scores, test_y) == {"top1": 100.0, "top5": 100.0}  # top-5 capped at 4 classes
+    wrong = (test_y + 1) % 4
+    assert E.topk_accuracy(scores, wrong)["top1"] == 0.0
+
+
+def test_knn_weighted_vote_matches_independent_computation():
+    g = torch.Generator().manual_seed(1)
+    train, test = torch.randn(50, 6, generator=g), torch.randn(7, 6, generator=g)
+    train_y = torch.randint(0, 5, (50,), generator=g)
+    k, T = 9, 0.1
+    scores = E.knn_classify(train, train_y, test, num_classes=5, k=k, temperature=T, chunk=3)
+    for i in range(7):  # plain Python: cosine similarity, k nearest, sum exp(s/T) per class
+        sims = []
+        for j in range(50):
+            a, b = test[i].tolist(), train[j].tolist()
+            dot = sum(x * y for x, y in zip(a, b))
+            sims.append((dot / math.sqrt(sum(x * x for x in a)) / math.sqrt(sum(y * y for y in b)), j))
+        votes = [0.0] * 5
+        for s, j in sorted(sims, reverse=True)[:k]:
+            votes[int(train_y[j])] += math.exp(s / T)
+        assert scores[i].tolist() == pytest.approx(votes, rel=1e-4)
+
+
+def test_knn_k_larger_than_train_set():
+    scores = E.knn_classify(torch.randn(3, 4), torch.tensor([0, 1, 1]), torch.randn(2, 4), 2, k=200)
+    assert scores.shape == (2, 2) and torch.isfinite(scores).all()
+
+
+# ----------------------------------------------------------------------------- helpers
+def _cfg(tmp_path, **over):
+    train, val = tmp_path / "data" / "train", tmp_path / "data" / "val"
+    if not train.exists():
+        make_jpeg_folder(train, classes=3, per_class=8, size=(40, 36), seed=0)
+        make_jpeg_folder(val, classes=3, per_class=4, size=(40, 36), seed=1)
+    items = {"model.backbone": "resnet18", "model.proj_hidden_dim": 32, "model.proj_dim": 16,
+             "data.source": "folder", "data.root": str(train), "data.val_root": str(val),
+             "data.loader": "torch", "data.num_threads": 1, "data.weak.size": 32,
+             "data.strong": "[{size: 32}]", "data.eval_resize": 32, "data.dtype": "fp32",
+             "train.batch_size": 8, "method.queue_size": 64, "run.dir": str(tmp_path / "run")}
+    items.update(over)
+    return load_config(None, [f"{k}={v}" for k, v in items.items()])
+
+
+def _checkpoint(cfg, tmp_path, perturb_teacher=True):
+    torch.manual_seed(0)
+    student, teacher = build_student_teacher(cfg.model, torch.device("cpu"), channels_last=False)
+    if perturb_teacher:
+        with torch.no_grad():
+            for p in teacher.parameters():
+                p.add_(0.01)
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(),
+                "config": to_dict(cfg), "step": 7}, path)
+    return path, student, teacher
+
+
+# ----------------------------------------------------------------------------- export
+@pytest.mark.parametrize("which", ["student", "teacher"])
+def test_export_keys_match_timm_and_load_with_the_readme_line(tmp_path, which):
+    cfg = _cfg(tmp_path)
+    ckpt, student, teacher = _checkpoint(cfg, tmp_path)
+    out = tmp_path / "resnet18_ressl.safetensors"
+    assert main(["export", str(tmp_path / "run"), str(out)] + (["--teacher"] if which == "teacher" else [])) == 0
+    from safetensors.torch import load_file
+
+    sd = load_file(str(out))
+    ref = timm.create_model("resnet18").state_dict()
+    assert set(sd) == set(ref) - {"fc.weight", "fc.bias"}  # timm's keys minus the classifier
+    assert all(sd[k].shape == ref[k].shape for k in sd)
+    # The README line: strict load into a headless model.
+    model = timm.create_model("resnet18", pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(out), num_classes=0))
+    src = (teacher if which == "teacher" else student).backbone.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, src[k]), k
+    # ... and with a fresh head for fine-tuning.
+    model10 = timm.create_model("resnet18", pretrained=True, num_classes=10,
+                                pretrained_cfg_overlay=dict(file=str(out), num_classes=0))
+    assert model10.get_classifier().out_features == 10
+    assert torch.equal(model10.conv1.weight, src["conv1.weight"])
+    assert E.read_export_metadata(out)["weights"] == which
+
+
+def test_export_small_input_stem_loads_with_helper_and_is_refused_by_plain_timm(tmp_path):
+    cfg = _cfg(tmp_path, **{"model.small_input_stem": "true"})
+    _, student, _ = _checkpoint(cfg, tmp_path)
+    out = tmp_path / "small.safetensors"
+    E.export_backbone(tmp_path / "run", out)
+    assert E.read_export_metadata(out)["small_input_stem"] == "true"
+    model = E.load_exported(out)
+    assert model.conv1.weight.shape == (64, 3, 3, 3)
+    assert torch.equal(model.conv1.weight, student.backbone.conv1.weight)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        timm.create_model("resnet18", pretrained=True, pretrained_cfg_overlay=dict(file=str(out), num_classes=0))
+
+
+def test_export_errors(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "x.safetensors")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- knn / linear CLI
+def test_knn_and_linear_commands_on_a_tiny_folder(tmp_path):
+    cfg = _cfg(tmp_path)
+    _checkpoint(cfg, tmp_path)
+    assert main(["knn", str(tmp_path / "run"), "--compare-random", "--k", "5", "--device", "cpu"]) == 0
+    res = json.loads((tmp_path / "run" / "knn.json").read_text())
+    assert res["train_samples"] == 24 and res["val_samples"] == 12 and res["k"] == 5
+    for key in ("pretrained", "random_init"):
+        assert 0 <= res[key]["top1"] <= res[key]["top5"] <= 100
+
+    out = tmp_path / "lin.json"
+    assert main(["linear", str(tmp_path / "run" / "checkpoints" / "last.pt"), "--epochs", "3",
+                 "--batch-size", "8", "--device", "cpu", "--out", str(out)]) == 0
+    lin = json.loads(out.read_text())
+    assert lin["epochs"] == 3 and lin["lr"] == 0.3 and lin["momentum"] == 0.9 and lin["weight_decay"] == 0
+    assert lin["augment"] is True and lin["num_classes"] == 3
+    assert lin["history"][-1]["epoch"] == 3  # the final epoch is reported, not the best
+    assert (lin["top1"], lin["top5"]) == (lin["history"][-1]["top1"], lin["history"][-1]["top5"])
+    assert lin["top5"] == 100.0  # 3 classes
+
+
+def test_linear_probe_learns_separable_features(tmp_path):
+    """Cached-feature probe on a backbone whose features separate the classes perfectly."""
+    cfg = _cfg(tmp_path)
+    train_ds = E._dataset(cfg, cfg.data.root)
+    val_ds = E._dataset(cfg, cfg.data.val_root)
+
+    class ColourNet(torch.nn.Module):  # each generated class has its own colour statistics
+        def forward(self, x):
+            return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+
+    res = E.linear_probe(ColourNet(), cfg, train_ds, val_ds, torch.device("cpu"), epochs=30,
+                         batch_size=8, augment=False, log_every_epochs=30)
+    assert res["history"][-1]["epoch"] == 30 and 0 <= res["top1"] <= 100
+
+
+# ----------------------------------------------------------------------------- online monitor
+def test_online_knn_monitor_writes_metrics(tmp_path):
+    from fast_ressl.train import train
+
+    cfg = _cfg(tmp_path, **{"train.epochs": 2, "train.precision": "fp32", "method.compile_loss": "false",
+                            "eval.knn_every_epochs": 1, "eval.knn_compare_random": "true",
+                            "eval.knn_k": 10, "data.scan": "false", "train.channels_last": "false"})
+    train(cfg, live=False)
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    knn = [r for r in recs if "knn_top1" in r]
+    assert [r["epoch"] for r in knn] == [0, 1]
+    assert "knn_top1_random_init" in knn[-1] and "knn_top1_random_init" not in knn[0]
+    final = json.loads((tmp_path / "run" / "knn.json").read_text())
+    assert final["pretrained"]["top1"] == knn[-1]["knn_top1"]
