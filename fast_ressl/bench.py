@@ -339,11 +339,19 @@ def bench_train(cfg: Config, s: BenchSettings, variant: Variant, mode: str) -> D
 
 
 # ----------------------------------------------------------------------------- run + report
+def _loadavg() -> Optional[List[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def machine_info() -> Dict[str, Any]:
     import torch
 
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "hostname": platform.node(), "gpu": None}
+            "cpu_count": os.cpu_count(), "hostname": platform.node(), "gpu": None,
+            "loadavg_start": _loadavg()}  # other processes competing for the CPU make timings noisy
     try:
         with open("/proc/cpuinfo") as f:
             names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
@@ -421,6 +429,7 @@ def run_bench(config: Optional[str], overrides: List[str], s: BenchSettings,
                           f"(spread {res['spread_pct']:.0f}%)")
         report["runs"].append(run)
     report["ratios"] = _ratios(report["runs"])
+    report["machine"]["loadavg_end"] = _loadavg()
     if s.out:
         Path(s.out).parent.mkdir(parents=True, exist_ok=True)
         Path(s.out).write_text(json.dumps(report, indent=2) + "\n")
