@@ -31,9 +31,7 @@ per source image = 3 x F(strong view) per strong view (student forward + backwar
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import inspect
 import json
 import os
 import platform
@@ -199,37 +197,6 @@ def flops_per_image(cfg: Config, backbone: torch.nn.Module) -> int:
     return sum(3 * f[v.size] for v in cfg.data.strong) + f[cfg.data.weak.size]
 
 
-@contextlib.contextmanager
-def _loop_patches(ema: str):
-    """Inside the benchmark: no checkpoint writes (I/O, not step time), and the reference EMA when
-    asked for. Restored on exit."""
-    from . import train as T
-
-    names = [n for n in ("atomic_save", "save_checkpoint", "ema_update_") if hasattr(T, n)]
-    saved = {n: getattr(T, n) for n in names}
-    for n in ("atomic_save", "save_checkpoint"):
-        if n in saved:
-            setattr(T, n, lambda *a, **k: None)
-    if ema == "python-loop":
-        T.ema_update_ = reference_ema_
-    try:
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(T, n, f)
-
-
-def _call(fn, pool: Dict[str, Any]):
-    """Call fn with the arguments it names, taken from pool (train.py's helpers take different
-    argument lists as the loop grows; the benchmark passes what each one asks for)."""
-    params = inspect.signature(fn).parameters
-    missing = [n for n, p in params.items() if n not in pool and p.default is p.empty
-               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n != "self"]
-    if missing:
-        raise RuntimeError(f"fast_ressl.bench cannot call {fn.__qualname__}: unknown argument(s) {missing}")
-    return fn(**{n: pool[n] for n in params if n in pool})
-
-
 def _sync(device: torch.device) -> None:
     import torch
 
@@ -281,7 +248,7 @@ def bench_train(cfg: Config, s: BenchSettings, variant: Variant, mode: str) -> D
     dev = env.device
     student, teacher = build_student_teacher(cfg.model, dev, cfg.train.channels_last)
     fpi = flops_per_image(cfg, student.backbone)
-    bn_policy = T.teacher_bn_policy(cfg, env) if hasattr(T, "teacher_bn_policy") else "local"
+    bn_policy = T.teacher_bn_policy(cfg, env)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     queue = Queue(cfg.method.queue_size, cfg.model.proj_dim, dev, generator=gen)
     loader = build_loader(cfg, env.rank, env.world_size, dev)
@@ -298,37 +265,30 @@ def bench_train(cfg: Config, s: BenchSettings, variant: Variant, mode: str) -> D
     steps_per_epoch = loader.steps_per_epoch
     total_steps = max(cfg.train.epochs * steps_per_epoch, s.warmup + s.iters * s.repeats + 1)
     batch_size = cfg.train.batch_size
+    ema_fn = reference_ema_ if variant.ema == "python-loop" else None
     with tempfile.TemporaryDirectory(prefix="fast-ressl-bench-") as tmp:
-        run_dir = Path(tmp)
-        pool: Dict[str, Any] = dict(
-            cfg=cfg, env=env, s=state, loss_fn=T.build_loss_fn(cfg), bn_policy=bn_policy,
-            steps_per_epoch=steps_per_epoch, total_steps=total_steps, base_lr=base_lr, run_dir=run_dir,
-            ckpt=run_dir / "unused.pt", ckpts=None, live=False, device=dev, start_step=0,
-            stop_flag=types.SimpleNamespace(signum=0))
-        meter = None
-        if "meter" in inspect.signature(T.run_loop).parameters:  # the loop takes its meter from outside
-            meter = pool["meter"] = _call(T._Meter, pool)
+        meter = T._Meter(cfg, env, Path(tmp), total_steps, steps_per_epoch, 0, live=False)
+        loss_fn = T.build_loss_fn(cfg)
 
-        def loop(n: int) -> None:
-            pool["end_step"] = state.step + n
-            _call(T.run_loop, pool)
+        def loop(n: int) -> None:  # train.py's own loop, n steps, no checkpoint I/O
+            T.run_loop(cfg, env, state, loss_fn, bn_policy, steps_per_epoch, total_steps, state.step + n,
+                       base_lr, None, meter, types.SimpleNamespace(signum=0),
+                       **({"ema_fn": ema_fn} if ema_fn else {}))
 
         try:
-            with _loop_patches(variant.ema):
-                loop(max(1, s.warmup))  # compile, autotune, loader start-up: not timed
-                _sync(dev)
-                if dev.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(dev)
-                rates, waits = [], []
-                for _ in range(s.repeats):
-                    timed.wait_s = 0.0
-                    with _Timer(dev) as t:
-                        loop(s.iters)
-                    rates.append(s.iters * batch_size / t.seconds)
-                    waits.append(min(1.0, timed.wait_s / t.seconds))
+            loop(max(1, s.warmup))  # compile, autotune, loader start-up: not timed
+            _sync(dev)
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            rates, waits = [], []
+            for _ in range(s.repeats):
+                timed.wait_s = 0.0
+                with _Timer(dev) as t:
+                    loop(s.iters)
+                rates.append(s.iters * batch_size / t.seconds)
+                waits.append(min(1.0, timed.wait_s / t.seconds))
         finally:
-            if meter is not None:
-                meter.close()
+            meter.close()
     res = {"unit": "source images/s", **summarize(rates), "batch_size": batch_size,
            "flops_per_image": fpi, "tflops": statistics.median(rates) * fpi / 1e12,
            **_peak_memory_mb(dev), "optimizer": optim_desc, "ema": variant.ema, "device": str(dev)}

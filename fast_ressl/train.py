@@ -280,10 +280,14 @@ def _train(cfg: Config, env: Env, allow_config_change: bool, live: Optional[bool
 
 
 def run_loop(cfg: Config, env: Env, s: State, loss_fn: Callable, bn_policy: str, steps_per_epoch: int,
-             total_steps: int, end_step: int, base_lr: float, ckpts: CheckpointDir, meter: "_Meter",
-             stop_flag: _SignalFlag) -> None:
+             total_steps: int, end_step: int, base_lr: float, ckpts: Optional[CheckpointDir],
+             meter: "_Meter", stop_flag: _SignalFlag, ema_fn: Callable = ema_update_) -> None:
     """The training loop: schedule -> student(x_strong) -> teacher(x_weak) -> loss -> backward ->
-    step -> EMA -> enqueue; the host syncs only once per log interval."""
+    step -> EMA -> enqueue; the host syncs only once per log interval.
+
+    Runs from s.step to end_step. `fast-ressl bench` calls it for a few steps at a time with
+    ckpts=None (no checkpoint I/O in timed steps) and, for the reference preset, its Python-loop EMA
+    as ema_fn."""
     t_cfg, dev, n = cfg.train, env.device, cfg.train.batch_size // env.world_size
     amp = torch.autocast(dev.type, dtype=_AMP[t_cfg.precision], enabled=t_cfg.precision != "fp32")
     student = _wrap_student(s.student, cfg, env)
@@ -314,14 +318,14 @@ def run_loop(cfg: Config, env: Env, s: State, loss_fn: Callable, bn_policy: str,
         s.optimizer.zero_grad(set_to_none=True)
         s.scaler.scale(loss).backward()
         guard.step(ok)  # no optimizer step, BN-statistics, EMA or enqueue change when any loss is non-finite
-        ema_update_(t_params, s_params, m, ok)
+        ema_fn(t_params, s_params, m, ok)
         s.queue.push(k_all, ok)  # after the loss: it saw the queue from before this batch
         s.step = step + 1
         meter.add(loss, ok, n)
         if s.step % t_cfg.log_every == 0 or s.step == end_step:
             s.skipped_steps = meter.log(s.step, lr, m)  # the one host sync of the interval
         stopping = dist.any_flag(bool(stop_flag.signum), env)  # gloo on the host: no GPU sync
-        if stopping or s.step % t_cfg.ckpt_every == 0 or s.step == end_step:
+        if ckpts is not None and (stopping or s.step % t_cfg.ckpt_every == 0 or s.step == end_step):
             save_checkpoint(s, cfg, env, ckpts, meter)
         if stopping:
             stop_flag.signum = stop_flag.signum or signal.SIGTERM  # a peer rank got the signal
