@@ -215,6 +215,11 @@ def build_backbone(cfg: Config, state: Optional[Dict[str, torch.Tensor]] = None,
     return m
 
 
+def feature_dim(backbone: nn.Module) -> int:
+    """Width of a timm backbone's pooled output (num_classes=0)."""
+    return getattr(backbone, "head_hidden_size", None) or backbone.num_features
+
+
 def load_backbone(path: str | os.PathLike, which: str = "student",
                   device: torch.device | str = "cpu") -> Tuple[nn.Module, Config, Path]:
     """(backbone, config, checkpoint path) from a run directory or checkpoint file."""
@@ -472,7 +477,7 @@ def export_backbone(path: str | os.PathLike, out: str | os.PathLike, teacher: bo
     build_backbone(cfg).load_state_dict(state, strict=True)  # refuse anything timm would not load
     meta = {"format": _EXPORT_FORMAT, "architecture": cfg.model.backbone, "weights": which,
             "small_input_stem": str(bool(cfg.model.small_input_stem)).lower(),
-            "num_features": str(build_backbone(cfg).num_features), "step": str(sd.get("step", "")),
+            "num_features": str(feature_dim(build_backbone(cfg))), "step": str(sd.get("step", "")),
             "source": str(ckpt)}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

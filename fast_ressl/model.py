@@ -25,7 +25,9 @@ class Encoder(nn.Module):
             raise ValueError(f"model.backbone={cfg.backbone!r}: {e}") from None
         if cfg.small_input_stem:
             _small_input_stem(self.backbone, cfg.backbone)
-        feat = self.backbone.num_features
+        # Pooled output width: timm models with a conv head after pooling (MobileNetV3) report it as
+        # head_hidden_size (num_features is the width before that head).
+        feat = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         # Official ImageNet projector: Linear-ReLU-Linear with no BN.
         self.projector = nn.Sequential(
             nn.Linear(feat, cfg.proj_hidden_dim), nn.ReLU(inplace=True),
