@@ -143,3 +143,12 @@ def test_scan_command_lists_bad_files_and_writes_denylist(messy_folder, capsys):
     assert "3 bad" in text and all(p in text for p in bad.values())
     num, denied = read_denylist(str(tmp))
     assert num == 55 and sorted(denied) == sorted(bad.values())
+
+
+def test_torch_path_and_scan_never_import_dali():
+    import subprocess
+    import sys
+
+    code = ("import sys, fast_ressl.data_torch, fast_ressl.datasets, fast_ressl.embedded, "
+            "pipelines_dali.webdataset; assert not [m for m in sys.modules if m.startswith('nvidia.dali')]")
+    subprocess.run([sys.executable, "-c", code], check=True)
