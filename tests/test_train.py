@@ -10,7 +10,7 @@ from fast_ressl.checkpoint import safe_load
 from fast_ressl.config import load_config
 from fast_ressl.train import ConfigMismatch, train
 
-TINY = ["data.source=synthetic", "data.num_samples=32", "data.weak={size: 32}", "data.strong=[{size: 32}]",
+TINY = ["data.source=synthetic", "data.num_samples=32", "data.weak={size: 32}", "data.strong=[{size: 32}]", "data.eval_resize=32",
         "model.backbone=test_resnet", "model.small_input_stem=false", "model.proj_hidden_dim=32", "model.proj_dim=16",
         "method.queue_size=64", "method.compile_loss=false", "train.batch_size=8", "train.epochs=2",
         "train.log_every=1", "optim.warmup_epochs=0.5"]
