@@ -188,7 +188,10 @@ class Config:
 
 # Keys that only steer one invocation; they may change on resume without changing the run.
 RUN_CONTROL_KEYS = ("train.stop_at_step", "train.log_every", "run.device", "train.keep_checkpoints",
-                    "train.dist_timeout_s")
+                    "train.dist_timeout_s",
+                    # the kNN monitor only reads the weights: its settings never change the run
+                    "eval.knn_every_epochs", "eval.knn_k", "eval.knn_t", "eval.knn_train_samples",
+                    "eval.knn_val_samples", "eval.knn_compare_random", "eval.batch_size", "eval.cache_mb")
 
 _CHOICES = {
     "method.momentum_schedule": ("constant", "cosine"),
@@ -299,6 +302,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     check(t.ckpt_every > 0, f"train.ckpt_every={t.ckpt_every} must be positive")
     check(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1")
     check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1")
+    e = cfg.eval
+    check(e.knn_every_epochs >= 0, "eval.knn_every_epochs must be >= 0 (0 = off)")
+    check(e.knn_k >= 1 and e.knn_t > 0, "eval.knn_k must be >= 1 and eval.knn_t positive")
+    check(e.knn_train_samples >= 0 and e.knn_val_samples >= 0 and e.batch_size >= 1,
+          "eval.knn_train_samples/knn_val_samples must be >= 0 (0 = all) and eval.batch_size >= 1")
     check(m.tau_s > 0 and m.tau_t > 0, "method.tau_s and method.tau_t must be positive")
     check(m.infonce_tau > 0, "method.infonce_tau must be positive")
     check(0.0 <= m.momentum <= 1.0, f"method.momentum={m.momentum} must lie in [0, 1]")

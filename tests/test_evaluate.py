@@ -179,3 +179,13 @@ def test_online_knn_monitor_writes_metrics(tmp_path):
     assert "knn_top1_random_init" in knn[-1] and "knn_top1_random_init" not in knn[0]
     final = json.loads((tmp_path / "run" / "knn.json").read_text())
     assert final["pretrained"]["top1"] == knn[-1]["knn_top1"]
+
+
+def test_eval_keys_are_validated_and_do_not_change_the_run_hash():
+    from fast_ressl.config import ConfigError, config_hash
+
+    syn = ["data.source=synthetic"]
+    base = load_config(None, syn)
+    assert config_hash(base) == config_hash(load_config(None, syn + ["eval.knn_every_epochs=3", "eval.knn_k=20"]))
+    with pytest.raises(ConfigError, match="eval.knn_k"):
+        load_config(None, syn + ["eval.knn_k=0"])
