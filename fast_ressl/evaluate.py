@@ -304,7 +304,10 @@ _MONITOR = _MonitorData()
 
 def _monitor_data(cfg: Config, device: torch.device) -> Optional[_MonitorData]:
     e = cfg.eval
-    key = f"{id(cfg)}"
+    from .config import to_dict
+
+    d = to_dict(cfg)
+    key = json.dumps({"data": d["data"], "eval": d["eval"]}, sort_keys=True)  # not id(cfg): ids are reused
     if _MONITOR.key == key:
         return None if _MONITOR.disabled_reason else _MONITOR
     _MONITOR.key, _MONITOR.disabled_reason = key, None
