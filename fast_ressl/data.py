@@ -44,6 +44,19 @@ class Loader(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class EndlessLoader:
+    """Base of the file loaders: an endless iterator whose batches come from `next_batch()`."""
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        return self.next_batch()
+
+    def next_batch(self) -> Batch:
+        raise NotImplementedError
+
+
 class SyntheticSource:
     """Random tensors of the right shapes, made on the target device once, channels_last.
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import Batch, torch_dtype
+from .data import Batch, EndlessLoader, torch_dtype
 from .datasets import DataError, FileDataset, epoch_block, pil_rgb, prepare_dataset
 
 
@@ -131,7 +131,7 @@ class _Batches:
             epoch, step = epoch + 1, 0
 
 
-class TorchLoader:
+class TorchLoader(EndlessLoader):
     """Endless iterator of `Batch` (CPU tensors, pinned when the device is CUDA).
 
     Attributes: steps_per_epoch, batch_size (per rank), dataset, bad_files (list[str]), bad_reasons.
@@ -180,13 +180,6 @@ class TorchLoader:
                         pin_memory=self.device.type == "cuda", persistent_workers=False,
                         prefetch_factor=4 if w > 0 else None)
         self._it = iter(dl)
-
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            yield self.next_batch()
-
-    def __next__(self) -> Batch:
-        return self.next_batch()
 
     def next_batch(self) -> Batch:
         if self.num_workers == 0:  # per-sample seeding must not disturb the trainer's global RNG

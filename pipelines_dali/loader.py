@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import base64
 import os
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from fast_ressl.data import Batch, torch_dtype
+from fast_ressl.data import Batch, EndlessLoader, torch_dtype
 from fast_ressl.datasets import DataError, FileDataset, epoch_block, prepare_dataset
 
 from .pipeline import DEBUG_KEYS, eval_pipeline, train_pipeline
@@ -63,7 +63,7 @@ def _to_torch_image(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-class DaliTrainLoader:
+class DaliTrainLoader(EndlessLoader):
     """Endless iterator of `Batch` for data.source folder | filelist | embedded | webdataset.
 
     Attributes: steps_per_epoch (batches per epoch per rank), batch_size (per rank), dataset
@@ -146,13 +146,6 @@ class DaliTrainLoader:
             self._pipe = None
 
     # ------------------------------------------------------------------ iteration
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            yield self.next_batch()
-
-    def __next__(self) -> Batch:
-        return self.next_batch()
-
     def next_batch(self) -> Batch:
         if self.step_in_epoch >= self.steps_per_epoch:
             self.epoch += 1
