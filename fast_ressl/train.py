@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import random
 import signal
@@ -266,6 +267,9 @@ def _train(cfg: Config, env: Env, allow_config_change: bool, live: Optional[bool
           + (f"; resumed from {resumed} at step {state.step}" if resumed else ""))
     if state.step >= end_step:
         _info(env, f"nothing to do: the run is at step {state.step} (stops at {end_step})")
+        summary_path = run_dir / "summary.json"
+        if summary_path.exists():  # keep the finished run's summary instead of overwriting it
+            return json.loads(summary_path.read_text())
         return _finish(cfg, state, run_dir, total_steps, None, env)
     meter = _Meter(cfg, env, run_dir, total_steps, steps_per_epoch, state.step, live)
     try:

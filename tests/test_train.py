@@ -94,6 +94,9 @@ def test_resume_with_changed_config_is_refused(tmp_path):
         train(_cfg(run, "method.tau_t=0.05"), live=False)
     summary = train(_cfg(run, "method.tau_t=0.05"), allow_config_change=True, live=False)
     assert summary["step"] == 8
+    # a finished run: the same command again does nothing and keeps the summary
+    again = train(_cfg(run, "method.tau_t=0.05"), allow_config_change=True, live=False)
+    assert again == summary == json.loads((run / "summary.json").read_text())
 
 
 def test_cli_train_and_config_errors(tmp_path):
