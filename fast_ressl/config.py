@@ -39,6 +39,10 @@ class ModelConfig:
     # Projector Linear(feat, hidden)-ReLU-Linear(hidden, dim) with no BN, as in the official ImageNet code.
     proj_hidden_dim: int = 4096
     proj_dim: int = 512
+    # BatchNorm1d after the projector's hidden Linear. Off = the official ImageNet head. On, the demo
+    # (1.4k digits, 176 steps) stopped collapsing to a uniform relation (loss stuck at log K) and its
+    # kNN rose from 49.3% to 53.2% (measured; see configs/demo.yaml).
+    proj_bn: bool = False
     # Extended ReSSL (TPAMI 2024), our reading: Linear-BN-ReLU-Linear on the student only.
     predictor: bool = False
     pred_hidden_dim: int = 4096

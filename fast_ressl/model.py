@@ -30,7 +30,8 @@ class Encoder(nn.Module):
         feat = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         # Official ImageNet projector: Linear-ReLU-Linear with no BN.
         self.projector = nn.Sequential(
-            nn.Linear(feat, cfg.proj_hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(feat, cfg.proj_hidden_dim),
+            *([nn.BatchNorm1d(cfg.proj_hidden_dim)] if cfg.proj_bn else []), nn.ReLU(inplace=True),
             nn.Linear(cfg.proj_hidden_dim, cfg.proj_dim))
         self.predictor: nn.Module | None = None
         if cfg.predictor:  # extended ReSSL, our reading: Linear-BN-ReLU-Linear, student only

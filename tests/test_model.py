@@ -63,3 +63,11 @@ def test_small_input_stem():
     student, _ = _pair(backbone="resnet18", small_input_stem=True)
     assert student.backbone.conv1.stride == (1, 1) and student.backbone.conv1.kernel_size == (3, 3)
     assert isinstance(student.backbone.maxpool, torch.nn.Identity)
+
+
+def test_projector_bn_switch():
+    plain, _ = _pair()
+    with_bn, teacher = _pair(proj_bn=True)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in plain.projector)
+    assert isinstance(with_bn.projector[1], torch.nn.BatchNorm1d)
+    assert isinstance(teacher.projector[1], torch.nn.BatchNorm1d)  # the teacher mirrors the student
