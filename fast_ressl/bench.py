@@ -268,6 +268,7 @@ def bench_train(cfg: Config, s: BenchSettings, variant: Variant, mode: str) -> D
     ema_fn = reference_ema_ if variant.ema == "python-loop" else None
     with tempfile.TemporaryDirectory(prefix="fast-ressl-bench-") as tmp:
         meter = T._Meter(cfg, env, Path(tmp), total_steps, steps_per_epoch, 0, live=False)
+        meter.display.enabled = False  # the benchmark prints its own table, not per-step log lines
         loss_fn = T.build_loss_fn(cfg)
 
         def loop(n: int) -> None:  # train.py's own loop, n steps, no checkpoint I/O
