@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -80,20 +79,3 @@ class ProgressDisplay:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
-
-
-class Throughput:
-    """Images/s between log intervals, measured on the host after the interval's one sync."""
-
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-        self.n = 0
-
-    def add(self, images: int) -> None:
-        self.n += images
-
-    def rate(self) -> float:
-        dt = time.perf_counter() - self.t0
-        r = self.n / dt if dt > 0 else 0.0
-        self.t0, self.n = time.perf_counter(), 0
-        return r
