@@ -110,3 +110,12 @@ def tiny_overrides(root: os.PathLike | str, **extra) -> List[str]:
             "data.num_threads": 2, "data.max_bad_fraction": 0.2}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def assert_same_batches(want, got) -> None:
+    """Each pair of Batch objects has identical views and labels (resume gives the same data)."""
+    import torch
+
+    for a, b in zip(want, got):
+        assert torch.equal(a.x_weak, b.x_weak) and torch.equal(a.x_strong[0], b.x_strong[0])
+        assert torch.equal(a.labels, b.labels)

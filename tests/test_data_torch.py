@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import assert_same_batches, tiny_overrides
 from fast_ressl.config import load_config
 from fast_ressl.data import build_loader
 from fast_ressl.data_torch import TorchEvalLoader, TorchLoader
@@ -56,9 +56,7 @@ def test_restore_gives_identical_next_batches_with_workers(jpeg_folder):
     want = [next(ref) for _ in range(3)]  # crosses the epoch boundary (6 steps per epoch)
     res = _loader(jpeg_folder, workers=0)  # worker count does not change the batches
     res.load_state_dict(state)
-    for a, b in zip(want, (next(res) for _ in range(3))):
-        assert torch.equal(a.x_weak, b.x_weak) and torch.equal(a.x_strong[0], b.x_strong[0])
-        assert torch.equal(a.labels, b.labels)
+    assert_same_batches(want, [next(res) for _ in range(3)])
 
 
 def test_bad_files_skipped_odd_kept(messy_folder):

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from conftest import make_jpeg_folder, tiny_overrides  # noqa: E402
+from conftest import assert_same_batches, make_jpeg_folder, tiny_overrides  # noqa: E402
 from fast_ressl.config import load_config  # noqa: E402
 from fast_ressl.datasets import DataError, list_folder, read_denylist  # noqa: E402
 from pipelines_dali.loader import DaliEvalLoader, DaliTrainLoader, parse_ascii_labels  # noqa: E402
@@ -180,9 +180,7 @@ def test_restore_gives_identical_next_batches(jpeg_folder, stop_after):
     want = [next(ref) for _ in range(3)]
     resumed = _loader(jpeg_folder)
     resumed.load_state_dict(state)
-    for a, b in zip(want, (next(resumed) for _ in range(3))):
-        assert torch.equal(a.x_weak, b.x_weak) and torch.equal(a.x_strong[0], b.x_strong[0])
-        assert torch.equal(a.labels, b.labels)
+    assert_same_batches(want, [next(resumed) for _ in range(3)])
 
 
 # ----------------------------------------------------------------------------- bad files
