@@ -1,11 +1,13 @@
 """Markdown table of one `fast-ressl bench` JSON report (for RESULTS.md):
 
-    python benchmarks/render_results.py benchmarks/results/cpu_small.json
+    .venv/bin/python benchmarks/render_results.py benchmarks/results/cpu_small.json
 """
 from __future__ import annotations
 
 import json
 import sys
+
+from fast_ressl.bench import result_cells
 
 
 def render(report: dict) -> str:
@@ -17,20 +19,7 @@ def render(report: dict) -> str:
             res = run["results"].get(mode)
             if not res or "median" not in res:
                 continue
-            v = run["variant"]
-            ratio = "1.00x" if v == "reference" else (f"{ratios[v][mode]:.2f}x" if mode in ratios.get(v, {}) else "-")
-            det = []
-            if "tflops" in res:
-                det.append(f"{res['tflops'] * 1000:.1f} GFLOP/s achieved")
-            if "data_wait_fraction" in res:
-                det.append(f"data wait {100 * res['data_wait_fraction']['median']:.1f}%")
-            if "peak_memory_mb" in res:
-                det.append(f"max RSS {res['peak_memory_mb']:.0f} MB" if "RSS" in res.get("peak_memory_kind", "")
-                           else f"peak {res['peak_memory_mb']:.0f} MB")
-            if "loader" in res:
-                det.append(f"loader {res['loader']}")
-            rows.append(f"| {mode} | {v} | {res['median']:.1f} | {res['min']:.1f}-{res['max']:.1f} | "
-                        f"{res['spread_pct']:.0f}% | {ratio} | {', '.join(det)} |")
+            rows.append("| " + " | ".join(result_cells(mode, run["variant"], res, ratios)) + " |")
     m = report["machine"]
     rows.append("")
     rows.append(f"Load average at start / end: {m.get('loadavg_start')} / {m.get('loadavg_end')}; "

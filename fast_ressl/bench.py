@@ -437,25 +437,30 @@ def render_table(report: Dict[str, Any], console) -> None:
             res = run["results"].get(mode)
             if res is None:
                 continue
-            if "skipped" in res:
-                table.add_row(mode, run["variant"], "-", "-", "-", "-", res["skipped"])
-                continue
-            ratio = ratios.get(run["variant"], {}).get(mode)
-            details = []
-            if "tflops" in res:
-                details.append(f"{res['tflops']:.3g} TFLOP/s")
-            if "peak_memory_mb" in res:
-                details.append(f"peak {res['peak_memory_mb']:.0f} MB")
-            if "data_wait_fraction" in res:
-                details.append(f"data wait {100 * res['data_wait_fraction']['median']:.1f}%")
-            if "loader" in res:
-                details.append(f"loader {res['loader']}")
-            table.add_row(mode, run["variant"], f"{res['median']:.1f}",
-                          f"{res['min']:.1f}-{res['max']:.1f}", f"{res['spread_pct']:.0f}%",
-                          "1.00x" if run["variant"] == "reference" else (f"{ratio:.2f}x" if ratio else "-"),
-                          ", ".join(details))
+            table.add_row(*result_cells(mode, run["variant"], res, ratios))
     console.print(table)
 
+
+
+def result_cells(mode: str, variant: str, res: Dict[str, Any], ratios: Dict[str, Any]) -> List[str]:
+    """One result's row: mode, variant, median, min-max, spread, ratio to the reference, details.
+    The console table and benchmarks/render_results.py (RESULTS.md) both use it."""
+    if "skipped" in res:
+        return [mode, variant, "-", "-", "-", "-", res["skipped"]]
+    ratio = ratios.get(variant, {}).get(mode)
+    details = []
+    if "tflops" in res:
+        details.append(f"{res['tflops'] * 1000:.1f} GFLOP/s achieved")
+    if "data_wait_fraction" in res:
+        details.append(f"data wait {100 * res['data_wait_fraction']['median']:.1f}%")
+    if "peak_memory_mb" in res:
+        details.append(f"max RSS {res['peak_memory_mb']:.0f} MB" if "RSS" in res.get("peak_memory_kind", "")
+                       else f"peak {res['peak_memory_mb']:.0f} MB")
+    if "loader" in res:
+        details.append(f"loader {res['loader']}")
+    return [mode, variant, f"{res['median']:.1f}", f"{res['min']:.1f}-{res['max']:.1f}",
+            f"{res['spread_pct']:.0f}%",
+            "1.00x" if variant == "reference" else (f"{ratio:.2f}x" if ratio else "-"), ", ".join(details)]
 
 # ----------------------------------------------------------------------------- CLI
 def _split_list(text: str) -> List[str]:
