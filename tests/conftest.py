@@ -10,6 +10,21 @@ import numpy as np
 import pytest
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one; `pytest -m gpu` runs only these)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def _smooth_image(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     """A colourful, smooth random image (gradients + blobs + a little noise), uint8 HxWx3."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
