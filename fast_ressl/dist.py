@@ -64,9 +64,15 @@ def shutdown() -> None:
 
 @torch.no_grad()
 def all_gather_cat(x: torch.Tensor, env: Env) -> torch.Tensor:
-    """(N, ...) per rank -> (world*N, ...) in rank order, identical on every rank. No gradient."""
+    """(N, ...) per rank -> (world*N, ...) in rank order, identical on every rank. No gradient.
+
+    A channels_last (N, C, H, W) input is gathered as its NHWC storage and returned channels_last,
+    so the teacher forwards the gathered batch without a layout copy (`.contiguous()` would have
+    converted it to NCHW: a copy, then NCHW kernels)."""
     if not env.distributed:
         return x
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return all_gather_cat(x.permute(0, 2, 3, 1), env).permute(0, 3, 1, 2)  # NHWC view, no copy
     out = torch.empty((env.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
     dist.all_gather_into_tensor(out, x.contiguous())
     return out
@@ -97,25 +103,55 @@ def all_reduce_(t: torch.Tensor, env: Env, op: str = "max") -> torch.Tensor:
     return t
 
 
+# A 32-bit integer mixer (the "lowbias32" construction; constants below 2**31 so that every product
+# of a 32-bit value fits in int64 on every device: no overflow, identical results on CPU and CUDA).
+_MIX = (0x7FEB352D, 0x2C1B3C6D)
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    for c in _MIX:
+        x = torch.bitwise_xor(x, x >> 16)
+        x = (x * c) & _M32
+    return torch.bitwise_xor(x, x >> 15)
+
+
+def shuffle_permutation(seed: int, step: int, n: int, device: torch.device | str) -> torch.Tensor:
+    """(n,) int64 permutation of range(n), made on `device` from (seed, step) alone.
+
+    Every rank computes the same permutation without a broadcast, and without a host-to-device copy:
+    a permutation drawn on the CPU and moved with a blocking `.to(device)` stalled the host once per
+    step. Keys are a hash of (seed, step, index), sorted stably (ties, if any, keep index order)."""
+    salt = ((seed * 1_000_003 + step) * 0x9E3779B1) & _M32
+    keys = _mix32(torch.arange(n, dtype=torch.int64, device=device) + salt)
+    keys = _mix32(keys ^ ((seed & _M32) + 0x632BE5AB))
+    return torch.argsort(keys, stable=True)
+
+
 @torch.no_grad()
 def teacher_keys(teacher: torch.nn.Module, x_weak: torch.Tensor, env: Env, policy: str,
                  step: int, seed: int) -> torch.Tensor:
     """Teacher embeddings (not normalised) of the GLOBAL weak batch: (world*N, D), rank order.
 
-    policy 'shuffle' (MoCo's shuffle-BN): the images of all ranks are gathered, permuted with a
-    permutation every rank derives from (seed, step) (no broadcast needed), each rank forwards its
-    slice, and the keys are gathered and unshuffled, so a rank's BN batch mixes samples of all
-    ranks and BN statistics cannot leak which samples belong together. 'local' and 'sync' forward
-    the local batch (with SyncBatchNorm converted in for 'sync') and gather the keys.
+    policy 'shuffle' (MoCo's shuffle-BN): the images of all ranks are gathered (channels_last kept),
+    permuted with a permutation every rank derives on the device from (seed, step) (no broadcast, no
+    host sync), each rank forwards its slice, and the keys are gathered and unshuffled, so a rank's
+    BN batch mixes samples of all ranks and BN statistics cannot leak which samples belong together.
+    'local' and 'sync' forward the local batch (with SyncBatchNorm converted in for 'sync') and
+    gather the keys.
     """
     n = x_weak.shape[0]
     if policy != "shuffle" or not env.distributed:
         return all_gather_cat(teacher(x_weak), env)
     x_all = all_gather_cat(x_weak, env)
-    gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
-    perm = torch.randperm(env.world_size * n, generator=gen).to(x_weak.device)
+    perm = shuffle_permutation(seed, step, env.world_size * n, x_weak.device)
     mine = perm[env.rank * n:(env.rank + 1) * n]
-    k_shuffled = all_gather_cat(teacher(x_all[mine]), env)  # row j holds sample perm[j]
+    if x_all.dim() == 4 and x_all.is_contiguous(memory_format=torch.channels_last):
+        # a row gather on the NHWC view keeps the slice channels_last (indexing NCHW would not)
+        x_mine = x_all.permute(0, 2, 3, 1).index_select(0, mine).permute(0, 3, 1, 2)
+    else:
+        x_mine = x_all.index_select(0, mine)
+    k_shuffled = all_gather_cat(teacher(x_mine), env)  # row j holds sample perm[j]
     k = torch.empty_like(k_shuffled)
     k[perm] = k_shuffled
     return k

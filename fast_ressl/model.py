@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import timm
 import torch
@@ -70,7 +70,51 @@ def build_student_teacher(cfg: ModelConfig, device: torch.device,
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     student.to(device=device, memory_format=fmt)
     teacher.to(device=device, memory_format=fmt)
+    flatten_buffers([student, teacher])  # after .to(): moving a module re-creates its buffers
     return student, teacher
+
+
+# Start offsets inside a flat buffer are rounded up to this many elements (64 B for float32), so
+# every BN statistics view starts as aligned as a fresh allocation's vectorised kernels expect.
+_ALIGN = 16
+
+
+def flatten_buffers(modules: List[nn.Module]) -> List[torch.Tensor]:
+    """Re-point every buffer of `modules` to a view of one flat tensor per (device, dtype); return
+    the flat tensors (1-D). Idempotent: modules already flattened return their flat tensors.
+
+    Why: the non-finite guard snapshots and restores all BatchNorm statistics every step (a skipped
+    step must not change them). ResNet-50's student and teacher hold 318 buffers; per buffer that is
+    a copy, a `where` and a copy per step (~950 kernel launches on a GPU, ~735 top-level ops measured
+    with torch.profiler on CPU), and `_foreach_copy_` over mixed float32/int64 lists falls back to
+    one launch per tensor on CUDA. Over flat tensors it is one op per dtype. BatchNorm updates its
+    statistics in place (running_mean/var, num_batches_tracked.add_), so the views keep receiving
+    them; load_state_dict copies into them in place; DDP (broadcast_buffers=False) leaves them alone.
+    Calling `.to(device)` on the modules afterwards would replace the views: flatten after moving.
+    """
+    bufs = [(mod, name, b) for m in modules for mod in m.modules() for name, b in mod._buffers.items()
+            if b is not None]
+    bases = {id(b._base): b._base for _, _, b in bufs if b._base is not None}
+    if bufs and all(b._base is not None for _, _, b in bufs) and all(
+            x.dim() == 1 and getattr(x, "_fast_ressl_flat", False) for x in bases.values()):
+        return list(bases.values())
+    groups: Dict[Tuple[torch.device, torch.dtype], list] = {}
+    for entry in bufs:
+        groups.setdefault((entry[2].device, entry[2].dtype), []).append(entry)
+    flats = []
+    for (device, dtype), entries in groups.items():
+        offsets, total = [], 0
+        for _, _, b in entries:
+            offsets.append(total)
+            total += -(-b.numel() // _ALIGN) * _ALIGN
+        flat = torch.zeros(total, dtype=dtype, device=device)
+        flat._fast_ressl_flat = True  # marks it as ours for the idempotency check above
+        for (mod, name, b), off in zip(entries, offsets):
+            view = flat[off:off + b.numel()].view(b.shape)
+            view.copy_(b)
+            mod._buffers[name] = view
+        flats.append(flat)
+    return flats
 
 
 def ema_pairs(student: nn.Module, teacher: nn.Module) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
@@ -86,18 +130,26 @@ def ema_pairs(student: nn.Module, teacher: nn.Module) -> Tuple[List[torch.Tensor
 @torch.no_grad()
 def ema_update_(teacher_params: List[torch.Tensor], student_params: List[torch.Tensor],
                 m: float, enabled: torch.Tensor | None = None) -> None:
-    """teacher <- m * teacher + (1 - m) * student, one multi-tensor op over all parameters.
+    """teacher <- m * teacher + (1 - m) * student, multi-tensor ops over all parameters.
 
-    lerp(t, s, w) = t + w (s - t) with w = 1 - m; torch's lerp switches to s - (s - t)(1 - w) for
-    w >= 0.5, so m = 0 copies the student exactly and m = 1 leaves the teacher untouched.
-    `enabled` (0-dim bool device tensor) turns the update into a no-op (w = 0) without a host sync,
-    for steps the non-finite guard skips.
+    Without `enabled`: one `_foreach_lerp_` with a scalar weight w = 1 - m; lerp(t, s, w) =
+    t + w (s - t), and torch's lerp switches to s - (s - t)(1 - w) for w >= 0.5, so m = 0 copies the
+    student exactly and m = 1 leaves the teacher untouched.
+
+    `enabled` (0-dim bool device tensor, the guard's "every loss was finite") gates the update
+    without a host sync: t += (enabled * (1 - m)) * (s - t) as three foreach ops (sub, mul by a
+    0-dim device tensor, add), all on CUDA's multi-tensor fast path. `_foreach_lerp_` has no
+    tensor-weight overload, and a list of 0-dim weights falls back to one launch per tensor on
+    CUDA. A disabled step leaves the teacher bitwise unchanged (s - t is finite: the student did
+    not move); an enabled one is t + w (s - t), lerp's own formula for w < 0.5 (every m > 0.5).
     """
     if enabled is None:
         torch._foreach_lerp_(teacher_params, student_params, 1.0 - m)
         return
-    w = enabled.to(teacher_params[0].dtype) * (1.0 - m)
-    torch._foreach_lerp_(teacher_params, student_params, [w] * len(teacher_params))
+    w = enabled * (1.0 - m)  # 0-dim float device tensor (bool * float promotes)
+    diff = torch._foreach_sub(student_params, teacher_params)
+    torch._foreach_mul_(diff, w)
+    torch._foreach_add_(teacher_params, diff)
 
 
 def convert_sync_bn(teacher: nn.Module) -> nn.Module:

@@ -111,3 +111,28 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float,
         return opt, (f"timm Lamb (betas {tuple(cfg.betas)}, eps {cfg.eps:g}, "
                      f"grad-norm clip {LAMB_MAX_GRAD_NORM:g}, {excluded}){fallback}")
     raise ValueError(f"optim.name={cfg.name!r} with optim.impl={cfg.impl!r} is not supported")
+
+
+@torch.no_grad()
+def materialize_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create SGD's momentum buffers (zeros) before the first step, so no step is a "first step".
+
+    torch's fused SGD, on a step whose momentum buffers do not exist yet, allocates them with
+    `empty_like` and lets the kernel fill them with the gradient; with `found_inf` set (a skipped
+    step: non-finite loss, or an fp16 GradScaler overflow, ordinary at step 1) the kernel returns
+    early and the uninitialised buffers survive; the next clean step then writes their garbage
+    (NaN on CPU, measured: 24 student tensors) into the weights. A zero buffer is exact: with
+    dampening 0 the regular update buf = momentum * 0 + grad equals the first step's buf = grad.
+    AdamW (torch) creates zero state before its kernel and rolls back its step count on found_inf;
+    timm's LARS/LAMB never see found_inf (the guard skips their step() on the host). A state already
+    present (a resumed checkpoint) is left as it is.
+    """
+    for group in optimizer.param_groups:
+        if not isinstance(optimizer, torch.optim.SGD) or group.get("momentum", 0) == 0:
+            continue
+        if group.get("dampening", 0) != 0:
+            raise ValueError("materialize_state: SGD with dampening != 0 has a special first step")
+        for p in group["params"]:
+            st = optimizer.state[p]
+            if st.get("momentum_buffer") is None:
+                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -10,7 +10,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +21,8 @@ from .config import RUN_CONTROL_KEYS, Config, config_hash, to_dict, to_yaml
 from .data import build_loader
 from .evaluate import knn_monitor
 from .dist import Env
-from .model import build_student_teacher, convert_sync_bn, ema_pairs, ema_update_
-from .optim import build_optimizer
+from .model import build_student_teacher, convert_sync_bn, ema_pairs, ema_update_, flatten_buffers
+from .optim import build_optimizer, materialize_state
 from .redact import redact_obj, redact_text
 from .ressl import Queue, ressl_loss, warmup_mixed_loss
 from .schedules import lr_at, momentum_at, relation_weight_at
@@ -49,12 +49,7 @@ class NonFiniteAbort(RuntimeError):
 def build_env(cfg: Config) -> Env:
     env = dist.init(cfg.run.device, cfg.train.dist_timeout_s)
     device = env.device
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not cfg.train.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 loss matmuls on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    configure_backends(device.type, cfg.train.deterministic)
     if device.type == "cpu" and cfg.train.precision == "bf16" and len({v.size for v in cfg.data.strong}) > 1:
         # Measured with torch 2.14.1: CPU bf16 autocast with student views of several sizes gave
         # run-to-run different losses and occasional NaNs inside oneDNN (gone with oneDNN disabled,
@@ -65,6 +60,25 @@ def build_env(cfg: Config) -> Env:
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     return env
+
+
+def configure_backends(device_type: str, deterministic: bool) -> None:
+    """TF32 for the networks' convolutions, full fp32 for every matmul (the relation loss).
+
+    cuDNN's TF32 flag covers convolutions only: >99% of a ResNet/EfficientNet/MobileNet step's
+    FLOPs in fp32 runs (in bf16/fp16 runs autocast picks the dtype anyway). cuBLAS TF32 stays off,
+    because the loss's logits q @ queue.T / 0.04 would otherwise be computed with TF32's 10-bit
+    mantissa (relative error ~1e-3, 25x amplified by the sharpening temperature), forward and
+    backward (the backward's matmuls run inside the same .backward() as the networks', so a
+    context manager around the loss call could not cover them). The cost: the projector's fp32
+    Linear layers (~0.1% of ResNet-50's FLOPs) run without TF32.
+    """
+    if device_type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = False
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def teacher_bn_policy(cfg: Config, env: Env) -> str:
@@ -80,20 +94,40 @@ def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.run.name
 
 
-def build_loss_fn(cfg: Config) -> Callable[..., torch.Tensor]:
-    """loss_fn(q, k, queue, relation_weight) -> 0-dim loss; compiled unless method.compile_loss=false.
+def build_loss_fn(cfg: Config, rank: int = 0, per_rank: int = 0) -> Callable[..., Tuple[torch.Tensor, torch.Tensor]]:
+    """loss_fn(z_s, z_t, queue, w_host) -> (loss, k_all); compiled unless method.compile_loss=false.
 
-    Without an InfoNCE warm-up this is exactly ressl_loss; with one, the mixed loss is used while the
-    relation weight is below 1 (the loop passes the weight as a 0-dim tensor: no recompiles).
+    z_s: (V, N, D) student projections of the strong views; z_t: (world*N, D) teacher projections of
+    the global weak batch in rank order; queue: (K, D). Both are L2-normalised here, inside the
+    compiled region (one fused kernel instead of ~10 eager ops each), and this rank's keys are rows
+    [rank*N, (rank+1)*N) of k_all. Returns the 0-dim float32 loss and k_all (L2-normalised, float32)
+    for the queue push. Without an InfoNCE warm-up this is exactly ressl_loss; with one, the mixed
+    loss is used while the relation weight w_host (a Python float from the schedule) is below 1; its
+    value reaches the compiled graph as a 0-dim tensor, so a changing ramp does not recompile.
     """
     m = cfg.method
-    relation = functools.partial(ressl_loss, tau_s=m.tau_s, tau_t=m.tau_t)
-    mixed = functools.partial(warmup_mixed_loss, tau_s=m.tau_s, tau_t=m.tau_t, tau_nce=m.infonce_tau)
+    lo, hi = rank * per_rank, (rank + 1) * per_rank
+
+    def relation(z_s, z_t, queue):
+        q, k_all = F.normalize(z_s.float(), dim=-1), F.normalize(z_t.float(), dim=-1)
+        return ressl_loss(q, k_all[lo:hi] if hi else k_all, queue, m.tau_s, m.tau_t), k_all
+
+    def mixed(z_s, z_t, queue, w):
+        q, k_all = F.normalize(z_s.float(), dim=-1), F.normalize(z_t.float(), dim=-1)
+        return warmup_mixed_loss(q, k_all[lo:hi] if hi else k_all, queue, m.tau_s, m.tau_t, m.infonce_tau,
+                                 relation_weight=w), k_all
+
     if m.compile_loss:
         relation, mixed = torch.compile(relation), torch.compile(mixed)
+    w_dev: List[torch.Tensor] = []  # the warm-up weight as a device tensor, made on first use
 
-    def loss_fn(q, k, queue, w: torch.Tensor, w_host: float) -> torch.Tensor:
-        return relation(q, k, queue) if w_host >= 1.0 else mixed(q, k, queue, relation_weight=w)
+    def loss_fn(z_s, z_t, queue, w_host: float):
+        if w_host >= 1.0:
+            return relation(z_s, z_t, queue)
+        if not w_dev:
+            w_dev.append(torch.zeros((), device=queue.device))
+        w_dev[0].fill_(w_host)
+        return mixed(z_s, z_t, queue, w_dev[0])
 
     return loss_fn
 
@@ -113,7 +147,7 @@ class State:
 
     def state_dict(self, cfg: Config, env: Env) -> Optional[dict]:
         """Collective (every rank calls it): rank 0 gets the full dict, the others None."""
-        per_rank = dist.gather_objects({"rng": _rng_state(), "loader": self.loader.state_dict(),
+        per_rank = dist.gather_objects({"rng": _rng_state(env.device), "loader": self.loader.state_dict(),
                                         "fingerprint": self.fingerprint()}, env)
         if not env.is_main:
             return None
@@ -152,22 +186,39 @@ class State:
         mine = sd["ranks"][env.rank]
         self.loader.load_state_dict(mine["loader"])
         self.step, self.skipped_steps = int(sd["step"]), int(sd["skipped_steps"])
-        _set_rng_state(mine["rng"])
+        _set_rng_state(mine["rng"], env.device)
 
 
-def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+def _rng_state(device: torch.device) -> dict:
+    """This rank's RNG states as bytes/ints (no tensors): immune to torch.load's map_location, and
+    only this rank's own CUDA generator (a resume may see fewer GPUs than the run that saved it)."""
+    st = {"torch": _bytes(torch.get_rng_state()), "python": list(random.getstate()[1]),
           "python_pos": random.getstate()[2]}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        st["cuda"] = _bytes(torch.cuda.get_rng_state(device))
     return st
 
 
-def _set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.cpu().numpy().tobytes()
+
+
+def _byte_tensor(x: Any) -> torch.Tensor:
+    """A CPU uint8 tensor, as torch.set_rng_state / torch.cuda.set_rng_state require: from bytes, or
+    from a tensor on any device (checkpoints written before RNG states were stored as bytes)."""
+    if isinstance(x, (bytes, bytearray)):
+        return torch.frombuffer(bytearray(x), dtype=torch.uint8)
+    return x.detach().to("cpu", torch.uint8)
+
+
+def _set_rng_state(st: dict, device: torch.device) -> None:
+    torch.set_rng_state(_byte_tensor(st["torch"]))
     random.setstate((3, tuple(st["python"]), st["python_pos"]))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+    cuda = st.get("cuda")
+    if cuda is not None and device.type == "cuda":
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible GPU's state
+            cuda = cuda[device.index or 0]
+        torch.cuda.set_rng_state(_byte_tensor(cuda), device)
 
 
 def _config_diff(a: dict, b: dict, prefix: str = "") -> List[str]:
@@ -186,7 +237,9 @@ def maybe_resume(state: State, cfg: Config, env: Env, ckpts: CheckpointDir,
     """Restore from the newest valid checkpoint, if any (unusable newer ones are reported and
     skipped). A different config (run-control keys aside) is refused unless allowed explicitly, so a
     resumed run is never silently a different experiment."""
-    sd, path = ckpts.load_newest_valid(map_location=env.device)
+    # On the CPU: load_state_dict copies each tensor to where the module/optimizer/queue lives, and
+    # nothing that must stay on the host (RNG states, loader state) lands on a GPU.
+    sd, path = ckpts.load_newest_valid(map_location="cpu")
     if sd is None:
         return None
     if sd["config_hash"] != config_hash(cfg):
@@ -272,9 +325,11 @@ def _train(cfg: Config, env: Env, allow_config_change: bool, live: Optional[bool
             return json.loads(summary_path.read_text())
         return _finish(cfg, state, run_dir, total_steps, None, env)
     meter = _Meter(cfg, env, run_dir, total_steps, steps_per_epoch, state.step, live)
+    meter.skipped_before = state.skipped_steps  # a resumed run keeps counting from the checkpoint's
     try:
-        run_loop(cfg, env, state, build_loss_fn(cfg), bn_policy, steps_per_epoch, total_steps, end_step,
-                 base_lr, ckpts, meter, stop_flag)
+        loss_fn = build_loss_fn(cfg, env.rank, cfg.train.batch_size // env.world_size)
+        Loop(cfg, env, state, loss_fn, bn_policy, steps_per_epoch, total_steps, base_lr, ckpts, meter,
+             stop_flag).run(end_step)
     finally:
         meter.close()
     if stop_flag.signum:
@@ -283,60 +338,80 @@ def _train(cfg: Config, env: Env, allow_config_change: bool, live: Optional[bool
     return _finish(cfg, state, run_dir, total_steps, meter, env)
 
 
+class Loop:
+    """The training loop: set-up once here, then `run(end_step)`: schedule -> student(x_strong) ->
+    teacher(x_weak) -> loss -> backward -> step -> EMA -> enqueue; the host syncs only once per log
+    interval. Around the networks a step issues a few dozen ops (measured by `fast-ressl bench`):
+    the non-finite guard, BN-statistics restore, EMA and queue are multi-tensor ops on device tensors.
+
+    `fast-ressl bench` builds one Loop outside its timer and times `run` over a few steps at a time,
+    with ckpts=None (no checkpoint I/O in timed steps) and, for the reference preset, its Python-loop
+    EMA as ema_fn."""
+
+    def __init__(self, cfg: Config, env: Env, s: State, loss_fn: Callable, bn_policy: str,
+                 steps_per_epoch: int, total_steps: int, base_lr: float, ckpts: Optional[CheckpointDir],
+                 meter: "_Meter", stop_flag: _SignalFlag, ema_fn: Callable = ema_update_):
+        self.cfg, self.env, self.s, self.loss_fn, self.bn_policy = cfg, env, s, loss_fn, bn_policy
+        self.steps_per_epoch, self.total_steps, self.base_lr = steps_per_epoch, total_steps, base_lr
+        self.ckpts, self.meter, self.stop_flag, self.ema_fn = ckpts, meter, stop_flag, ema_fn
+        t_cfg = cfg.train
+        self.amp = torch.autocast(env.device.type, dtype=_AMP[t_cfg.precision], enabled=t_cfg.precision != "fp32")
+        self.student = _wrap_student(s.student, cfg, env)
+        self.teacher = torch.compile(s.teacher) if cfg.model.compile else s.teacher
+        self.t_params, self.s_params = ema_pairs(s.student, s.teacher)
+        self.prep = functools.partial(_prep, device=env.device, fp32=t_cfg.precision == "fp32",
+                                      cl=t_cfg.channels_last)
+        self.warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+        self.nce_steps = round(cfg.method.infonce_warmup_epochs * steps_per_epoch)
+        self.guard = NonFiniteGuard(s.optimizer, s.scaler, env, [s.student, s.teacher])
+        self.data = iter(s.loader)
+
+    def run(self, end_step: int) -> None:
+        """Steps s.step+1 .. end_step (returns early, with a checkpoint, on SIGTERM/SIGINT)."""
+        cfg, env, s, meter, guard, t_cfg = self.cfg, self.env, self.s, self.meter, self.guard, self.cfg.train
+        for step in range(s.step, end_step):
+            lr = lr_at(step, self.base_lr, self.warmup_steps, self.total_steps, cfg.optim.min_lr)
+            m = momentum_at(step, cfg.method.momentum, self.total_steps, cfg.method.momentum_schedule,
+                            cfg.method.momentum_end)
+            w = relation_weight_at(step, self.nce_steps, cfg.method.infonce_handover)
+            for group in s.optimizer.param_groups:
+                group["lr"] = lr
+            batch = meter.timed_next(self.data)
+            x_weak, x_strong = self.prep(batch.x_weak), [self.prep(x) for x in batch.x_strong]
+            guard.snapshot_buffers()
+            with self.amp:
+                z_s = self.student(x_strong)  # (V, N, D)
+                z_t = dist.teacher_keys(self.teacher, x_weak, env, self.bn_policy, step, t_cfg.seed)  # (world*N, D)
+            loss, k_all = self.loss_fn(z_s, z_t, s.queue.buffer, w)  # k_all: L2-normalised, rank order
+            loss = inject_fault(loss, step + 1, env.rank)
+            ok = guard.finite(loss)  # device bool, equal on all ranks
+            s.optimizer.zero_grad(set_to_none=True)
+            s.scaler.scale(loss).backward()
+            guard.step(ok)  # no optimizer step, BN-statistics, EMA or enqueue change when any loss is non-finite
+            self.ema_fn(self.t_params, self.s_params, m, ok)
+            s.queue.push(k_all, ok)  # after the loss: it saw the queue from before this batch
+            s.step = step + 1
+            meter.add(loss, ok, guard.local_finite, x_weak.shape[0])
+            if s.step % t_cfg.log_every == 0 or s.step == end_step:
+                s.skipped_steps = meter.log(s.step, lr, m)  # the one host sync of the interval
+            stopping = dist.any_flag(bool(self.stop_flag.signum), env)  # gloo on the host: no GPU sync
+            if self.ckpts is not None and (stopping or s.step % t_cfg.ckpt_every == 0 or s.step == end_step):
+                save_checkpoint(s, cfg, env, self.ckpts, meter)
+            if stopping:
+                self.stop_flag.signum = self.stop_flag.signum or signal.SIGTERM  # a peer rank got the signal
+                _info(env, f"signal {self.stop_flag.signum}: stopped at step {s.step}, checkpoint written")
+                return
+            if s.step % self.steps_per_epoch == 0:  # epoch boundary: online kNN monitor (evaluate.py)
+                knn_monitor(cfg, env, s, meter, s.step // self.steps_per_epoch,
+                            self.total_steps // self.steps_per_epoch)
+
+
 def run_loop(cfg: Config, env: Env, s: State, loss_fn: Callable, bn_policy: str, steps_per_epoch: int,
              total_steps: int, end_step: int, base_lr: float, ckpts: Optional[CheckpointDir],
              meter: "_Meter", stop_flag: _SignalFlag, ema_fn: Callable = ema_update_) -> None:
-    """The training loop: schedule -> student(x_strong) -> teacher(x_weak) -> loss -> backward ->
-    step -> EMA -> enqueue; the host syncs only once per log interval.
-
-    Runs from s.step to end_step. `fast-ressl bench` calls it for a few steps at a time with
-    ckpts=None (no checkpoint I/O in timed steps) and, for the reference preset, its Python-loop EMA
-    as ema_fn."""
-    t_cfg, dev, n = cfg.train, env.device, cfg.train.batch_size // env.world_size
-    amp = torch.autocast(dev.type, dtype=_AMP[t_cfg.precision], enabled=t_cfg.precision != "fp32")
-    student = _wrap_student(s.student, cfg, env)
-    teacher = torch.compile(s.teacher) if cfg.model.compile else s.teacher
-    t_params, s_params = ema_pairs(s.student, s.teacher)
-    prep = functools.partial(_prep, device=dev, fp32=t_cfg.precision == "fp32", cl=t_cfg.channels_last)
-    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
-    nce_steps = round(cfg.method.infonce_warmup_epochs * steps_per_epoch)
-    guard = NonFiniteGuard(s.optimizer, s.scaler, env, [s.student, s.teacher])
-    data = iter(s.loader)
-    for step in range(s.step, end_step):
-        lr = lr_at(step, base_lr, warmup_steps, total_steps, cfg.optim.min_lr)
-        m = momentum_at(step, cfg.method.momentum, total_steps, cfg.method.momentum_schedule,
-                        cfg.method.momentum_end)
-        w = relation_weight_at(step, nce_steps, cfg.method.infonce_handover)
-        for group in s.optimizer.param_groups:
-            group["lr"] = lr
-        batch = meter.timed_next(data)
-        x_weak, x_strong = prep(batch.x_weak), [prep(x) for x in batch.x_strong]
-        guard.snapshot_buffers()
-        with amp:
-            q = F.normalize(student(x_strong).float(), dim=-1)  # (V, N, D)
-            k_all = F.normalize(dist.teacher_keys(teacher, x_weak, env, bn_policy, step, t_cfg.seed).float(),
-                                dim=-1)  # (world*N, D): the global batch's keys, rank order
-        k = k_all[env.rank * n:(env.rank + 1) * n]
-        loss = inject_fault(loss_fn(q, k, s.queue.buffer, meter.weight(w), w), step + 1, env.rank)
-        ok = guard.finite(loss)  # device bool, equal on all ranks
-        s.optimizer.zero_grad(set_to_none=True)
-        s.scaler.scale(loss).backward()
-        guard.step(ok)  # no optimizer step, BN-statistics, EMA or enqueue change when any loss is non-finite
-        ema_fn(t_params, s_params, m, ok)
-        s.queue.push(k_all, ok)  # after the loss: it saw the queue from before this batch
-        s.step = step + 1
-        meter.add(loss, ok, n)
-        if s.step % t_cfg.log_every == 0 or s.step == end_step:
-            s.skipped_steps = meter.log(s.step, lr, m)  # the one host sync of the interval
-        stopping = dist.any_flag(bool(stop_flag.signum), env)  # gloo on the host: no GPU sync
-        if ckpts is not None and (stopping or s.step % t_cfg.ckpt_every == 0 or s.step == end_step):
-            save_checkpoint(s, cfg, env, ckpts, meter)
-        if stopping:
-            stop_flag.signum = stop_flag.signum or signal.SIGTERM  # a peer rank got the signal
-            _info(env, f"signal {stop_flag.signum}: stopped at step {s.step}, checkpoint written")
-            return
-        if s.step % steps_per_epoch == 0:  # epoch boundary: online kNN monitor (evaluate.py)
-            knn_monitor(cfg, env, s, meter, s.step // steps_per_epoch, total_steps // steps_per_epoch)
+    """Set up a Loop and run it from s.step to end_step."""
+    Loop(cfg, env, s, loss_fn, bn_policy, steps_per_epoch, total_steps, base_lr, ckpts, meter, stop_flag,
+         ema_fn).run(end_step)
 
 
 def _wrap_student(student: torch.nn.Module, cfg: Config, env: Env) -> torch.nn.Module:
@@ -359,38 +434,53 @@ def save_checkpoint(s: State, cfg: Config, env: Env, ckpts: CheckpointDir, meter
 
 
 class NonFiniteGuard:
-    """A NaN/inf loss on any rank -> no optimizer step on any rank, decided on the device.
+    """A NaN/inf loss on any rank -> no change on any rank, decided on the device.
 
     torch's fused optimizers take a `found_inf` tensor and skip the update inside the kernel (the
     GradScaler's mechanism), so no host sync is needed; with fp16 the GradScaler itself skips (the
     non-finite loss makes every rank's all-reduced gradients non-finite). Optimizers without that
-    hook (timm LARS/LAMB, foreach SGD) cost one host sync per step here.
+    hook (timm LARS/LAMB, foreach SGD/AdamW) cost one host sync per step here.
+
+    BN running statistics change in the forward pass; they live in one flat tensor per dtype
+    (model.flatten_buffers), snapshotted before the forward and restored by one `where` per dtype.
+
+    The optimizer state is materialised before the first step (optim.materialize_state): torch's
+    fused SGD creates its momentum buffers inside its first step with `empty_like` and returns
+    early when found_inf is set, so a skipped first step would leave garbage buffers that the next
+    clean step writes into the weights.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, env: Env,
                  modules: List[torch.nn.Module]):
         self.optimizer, self.scaler, self.env = optimizer, scaler, env
         self.device_skip = scaler.is_enabled() or bool(optimizer.defaults.get("fused"))
-        # BN running statistics change in the forward pass; a skipped step restores them.
-        self.buffers = [b for m in modules for b in m.buffers()]
-        self.backup = [b.clone() for b in self.buffers]
+        materialize_state(optimizer)
+        self.flats = flatten_buffers(modules)  # already flat from build_student_teacher: no copy
+        self.backup = [f.clone() for f in self.flats]
+        self.local_finite = torch.ones((), dtype=torch.bool, device=env.device)  # this rank's own loss
+        self.found_inf = torch.zeros((), device=env.device)  # float32, what fused kernels read
 
     def snapshot_buffers(self) -> None:
-        if self.buffers:
-            torch._foreach_copy_(self.backup, self.buffers)
+        for backup, flat in zip(self.backup, self.flats):
+            backup.copy_(flat)
 
     def finite(self, loss: torch.Tensor) -> torch.Tensor:
-        bad = (~torch.isfinite(loss.detach())).to(torch.int32)
-        return dist.all_reduce_(bad, self.env, "max") == 0
+        """0-dim bool device tensor: every rank's loss is finite (all-reduced, no host sync)."""
+        self.local_finite = torch.isfinite(loss.detach())
+        torch.logical_not(self.local_finite, out=self.found_inf)
+        if not self.env.distributed:
+            return self.local_finite
+        dist.all_reduce_(self.found_inf, self.env, "max")
+        return self.found_inf == 0
 
     def step(self, ok: torch.Tensor) -> None:
-        for b, old in zip(self.buffers, self.backup):  # where(), not lerp: NaN * 0 is NaN
-            b.copy_(torch.where(ok, b, old))
+        for flat, backup in zip(self.flats, self.backup):  # where(), not lerp: NaN * 0 is NaN
+            torch.where(ok, flat, backup, out=flat)
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)
             self.scaler.update()
         elif self.device_skip:
-            self.optimizer.found_inf = (~ok).float()  # read by torch's fused kernels
+            self.optimizer.found_inf = self.found_inf  # read by torch's fused kernels
             self.optimizer.step()
         elif bool(ok):  # host sync: this optimizer cannot skip on the device
             self.optimizer.step()
@@ -414,32 +504,30 @@ def _prep(x: torch.Tensor, device: torch.device, fp32: bool, cl: bool) -> torch.
 
 
 class _Meter:
-    """Loss, skipped steps and data wait accumulated on the device/host; one sync per log interval."""
+    """Loss, skipped steps and data wait accumulated on the device/host; one sync per log interval.
+
+    Per step `add` issues 6 small device ops; the skipped count is derived on the host at log time
+    (steps in the interval minus finite ones)."""
 
     def __init__(self, cfg: Config, env: Env, run_dir: Path, total_steps: int, steps_per_epoch: int,
                  start_step: int, live: Optional[bool]):
         dev = env.device
         self.env, self.steps_per_epoch, self.max_streak = env, steps_per_epoch, cfg.train.max_nonfinite_steps
         self.loss_sum = torch.zeros((), device=dev)
-        self.finite_count = torch.zeros((), device=dev, dtype=torch.long)
-        self.skipped = torch.zeros((), device=dev, dtype=torch.long)  # this invocation
+        self.finite_count = torch.zeros((), device=dev, dtype=torch.long)  # all ranks finite, this interval
+        self.local_finite_count = torch.zeros((), device=dev, dtype=torch.long)  # this rank's own loss
         self.streak = torch.zeros((), device=dev, dtype=torch.long)  # non-finite steps in a row
         self.worst_streak = torch.zeros((), device=dev, dtype=torch.long)
-        self.local_bad = torch.zeros((), device=dev, dtype=torch.long)  # this rank's own NaN/inf
-        self.skipped_before = 0
-        self.count = 0
+        self.skipped_before = 0  # skipped steps before this interval (checkpoint + earlier intervals)
+        self.steps_local = 0  # steps of this invocation (host count, for this rank's own NaN count)
+        self.count = 0  # steps in this interval
         self.wait_s = self.total_wait_s = 0.0
         self.t_interval = self.t_start = time.perf_counter()
         self.images = 0
         self.records: List[dict] = []
-        self._w = torch.ones((), device=dev)
         self.metrics = log.MetricsLog(run_dir / "metrics.jsonl") if env.is_main else None
         self.tb = log.tensorboard_writer(run_dir / "tensorboard") if env.is_main else None
         self.display = log.ProgressDisplay(total_steps, steps_per_epoch, start_step, env.is_main, live)
-
-    def weight(self, w: float) -> torch.Tensor:
-        self._w.fill_(w)
-        return self._w
 
     def timed_next(self, data) -> Any:
         t0 = time.perf_counter()
@@ -447,24 +535,26 @@ class _Meter:
         self.wait_s += time.perf_counter() - t0
         return batch
 
-    def add(self, loss: torch.Tensor, ok: torch.Tensor, images: int) -> None:
-        loss = loss.detach()
-        self.loss_sum += torch.where(ok, loss, torch.zeros_like(loss))
-        self.finite_count += ok.long()
-        self.skipped += (~ok).long()
-        self.streak.copy_((self.streak + 1) * (~ok).long())
+    def add(self, loss: torch.Tensor, ok: torch.Tensor, local_finite: torch.Tensor, images: int) -> None:
+        """loss: 0-dim; ok: 0-dim bool, every rank finite; local_finite: 0-dim bool, this rank's;
+        images: this rank's batch size."""
+        self.loss_sum += torch.where(ok, loss.detach(), 0.0)
+        self.finite_count += ok
+        self.local_finite_count += local_finite
+        self.streak.add_(1).mul_(~ok)  # reset to 0 by a finite step
         torch.maximum(self.worst_streak, self.streak, out=self.worst_streak)
-        self.local_bad += (~torch.isfinite(loss)).long()
         self.count += 1
+        self.steps_local += 1
         self.images += images * self.env.world_size
 
     def sync_skipped(self) -> int:
-        return self.skipped_before + int(self.skipped.item())
+        """Skipped steps of the whole run so far (host sync)."""
+        return self.skipped_before + self.count - int(self.finite_count.item())
 
     def log(self, step: int, lr: float, m: float) -> int:
         finite = int(self.finite_count.item())  # host sync
         mean = self.loss_sum.item() / finite if finite else float("nan")
-        skipped = self.sync_skipped()
+        skipped = self.skipped_before = self.skipped_before + self.count - finite
         now = time.perf_counter()
         dt = now - self.t_interval
         record = {"step": step, "epoch": (step - 1) // self.steps_per_epoch, "loss": mean, "lr": lr,
@@ -483,7 +573,8 @@ class _Meter:
                 self.tb.add_scalar(f"train/{key}", record[key], step)
         self.display.update(record)
         if int(self.worst_streak.item()) >= self.max_streak:
-            ranks = [r for r, bad in enumerate(dist.gather_objects(int(self.local_bad.item()), self.env)) if bad]
+            local_bad = self.steps_local - int(self.local_finite_count.item())
+            ranks = [r for r, bad in enumerate(dist.gather_objects(local_bad, self.env)) if bad]
             raise NonFiniteAbort(f"{self.max_streak} non-finite losses in a row by step {step} "
                                  f"(non-finite on rank(s) {ranks}); no update was applied for those "
                                  "steps; lower the LR or check the data, then resume from the last checkpoint")

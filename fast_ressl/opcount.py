@@ -1,0 +1,76 @@
+"""Ops per training step, and how many of them are bookkeeping around the networks.
+
+On a GPU every top-level aten op launches at least one kernel, and the host has to issue them all:
+at the ImageNet recipe's 32 images per GPU a step that issues ~1,500 ops is launch-bound. Counted
+with torch.profiler on the CPU (the count does not depend on the device, the image size or the
+batch size): the top-level aten ops of one step (an aten op with no aten op above it; ops inside a
+compiled region's generated kernels are not aten ops, so a compiled region counts its extern calls,
+e.g. matmuls), minus those of the student's forward + backward and the teacher's forward run alone
+the same way (same modules, inputs and autocast). The difference is the step's bookkeeping: schedule,
+input preparation, loss (forward and backward), non-finite guard, BN-statistics restore, optimizer,
+EMA, queue and metrics.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Callable, Dict
+
+import torch
+
+
+def top_level_aten_ops(fn: Callable[[], Any]) -> Counter:
+    """Counter of the top-level aten op names that running fn() issues (CPU profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts: Counter = Counter()
+    for ev in prof.events():
+        if not ev.name.startswith("aten::"):
+            continue
+        parent = ev.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        if parent is None:
+            counts[ev.name] += 1
+    return counts
+
+
+def step_op_counts(loop: Any) -> Dict[str, Any]:
+    """Profile one step of a set-up `train.Loop` (run one warm-up step first: compile, lazy state),
+    then the networks alone. Returns {"ops_per_step", "network_ops", "bookkeeping_ops",
+    "bookkeeping_share", "bookkeeping_by_op"}. Advances the loop by three steps; the networks-alone
+    passes leave parameters, BN statistics and gradients as they found them."""
+    s = loop.s
+    # run(end) logs (host sync, metrics) at its last step; a 2-step window minus a 1-step window is
+    # one ordinary step, as in training between log intervals
+    one = top_level_aten_ops(lambda: loop.run(s.step + 1))
+    total = top_level_aten_ops(lambda: loop.run(s.step + 2))
+    total.subtract(one)
+    total = +total  # drop the zero and (noise) negative entries
+    batch = next(loop.data)
+    x_weak, x_strong = loop.prep(batch.x_weak), [loop.prep(x) for x in batch.x_strong]
+    saved = [f.clone() for f in loop.guard.flats]
+    s.optimizer.zero_grad(set_to_none=True)  # as in the step: backward writes fresh gradients
+    with loop.amp:
+        grad = torch.ones_like(loop.student(x_strong))
+
+    def student_fwd_bwd() -> None:
+        with loop.amp:
+            z = loop.student(x_strong)
+        z.backward(grad)
+
+    def teacher_fwd() -> None:
+        with torch.no_grad(), loop.amp:
+            loop.teacher(x_weak)
+
+    nets = top_level_aten_ops(student_fwd_bwd) + top_level_aten_ops(teacher_fwd)
+    s.optimizer.zero_grad(set_to_none=True)
+    for flat, old in zip(loop.guard.flats, saved):
+        flat.copy_(old)
+    n_total, n_nets = sum(total.values()), sum(nets.values())
+    extra = total.copy()
+    extra.subtract(nets)
+    return {"ops_per_step": n_total, "network_ops": n_nets, "bookkeeping_ops": n_total - n_nets,
+            "bookkeeping_share": round((n_total - n_nets) / n_total, 4) if n_total else 0.0,
+            "bookkeeping_by_op": {k: v for k, v in extra.most_common() if v != 0}}
