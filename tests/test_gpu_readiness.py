@@ -1,0 +1,320 @@
+"""What would crash, corrupt or stall the first GPU run (issue 10), tested on the CPU where the
+mechanism allows it, and on CUDA (marked `gpu`, skipped without one) where only a GPU can tell.
+
+- resume: RNG states restore whatever device torch.load mapped the checkpoint's tensors to;
+- a non-finite first step (or the first step after a resume) leaves no trace, for every optimizer
+  and precision (torch's fused SGD used to keep uninitialised momentum buffers: NaN weights);
+- shuffle-BN: the permutation is made on the device (no host-to-device copy per step), and the
+  gathered weak batch stays channels_last;
+- the relation loss runs in full fp32 even where the networks use TF32.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fast_ressl import train as T
+from fast_ressl.checkpoint import safe_load
+from fast_ressl.config import load_config
+from fast_ressl.dist import Env, shuffle_permutation, teacher_keys
+from fast_ressl.model import build_student_teacher
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.source=synthetic", "data.num_samples=32", "data.weak={size: 32}", "data.strong=[{size: 32}]",
+        "model.backbone=test_resnet", "model.proj_hidden_dim=32", "model.proj_dim=16",
+        "method.queue_size=64", "method.compile_loss=false", "train.batch_size=8", "train.epochs=2",
+        "train.log_every=1", "optim.warmup_epochs=0.5", "train.ckpt_every=1", "train.keep_checkpoints=10"]
+
+
+def _cfg(run_dir, *extra):
+    return load_config(None, TINY + [f"run.dir={run_dir}", *extra])
+
+
+def _ckpt(run, step):
+    return safe_load(run / f"checkpoints/step_{step:08d}.pt")
+
+
+def _all_finite(sd):
+    bad = [f"{net}.{k}" for net in ("student", "teacher") for k, v in sd[net].items()
+           if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad += [f"optimizer.{i}.{k}" for i, st in sd["optimizer"]["state"].items() for k, v in st.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    return bad
+
+
+def _same(a, b, keys=("student", "teacher")):
+    for key in keys:
+        for name, t in a[key].items():
+            assert torch.equal(t, b[key][name]), f"{key}.{name}"
+    assert torch.equal(a["queue"]["buffer"], b["queue"]["buffer"])
+    assert int(a["queue"]["ptr"]) == int(b["queue"]["ptr"])
+
+
+# ----------------------------------------------------------------------------- 1. resume
+def test_rng_state_restores_from_a_checkpoint_mapped_off_the_cpu(tmp_path):
+    """torch.set_rng_state takes CPU byte tensors only; a checkpoint loaded with
+    map_location=<cuda device> used to put them on the GPU (TypeError at every resume). Here every
+    tensor of the checkpoint is mapped to the meta device: the RNG state must not depend on it."""
+    run = tmp_path / "run"
+    T.train(_cfg(run, "train.stop_at_step=2"), live=False)
+    on_cpu, on_meta = safe_load(run / "checkpoints/last.pt"), safe_load(run / "checkpoints/last.pt", "meta")
+    assert on_meta["student"][next(iter(on_meta["student"]))].device.type == "meta"
+    T._set_rng_state(on_cpu["ranks"][0]["rng"], torch.device("cpu"))
+    want = torch.rand(8)
+    torch.rand(100)  # move the generator on
+    T._set_rng_state(on_meta["ranks"][0]["rng"], torch.device("cpu"))
+    assert torch.equal(torch.rand(8), want)
+
+
+def test_rng_state_holds_no_tensors_and_no_other_gpus(tmp_path):
+    st = T._rng_state(torch.device("cpu"))
+    assert isinstance(st["torch"], bytes) and "cuda" not in st
+    torch.set_rng_state(T._byte_tensor(st["torch"]))  # round trip
+
+
+# ----------------------------------------------------------------------------- 2. non-finite steps
+OPTIMIZERS = {"sgd-fused": ["optim.name=sgd", "optim.fused=true"],
+              "sgd-foreach": ["optim.name=sgd", "optim.fused=false"],
+              "adamw-fused": ["optim.name=adamw", "optim.fused=true", "optim.lr=0.001"],
+              "adamw-foreach": ["optim.name=adamw", "optim.fused=false", "optim.lr=0.001"],
+              "lars": ["optim.name=lars"], "lamb": ["optim.name=lamb", "optim.lr=0.001"]}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("optim", sorted(OPTIMIZERS))
+def test_nonfinite_first_step_changes_nothing(tmp_path, monkeypatch, optim, precision):
+    """NaN loss at step 1: student, teacher, BN statistics and queue stay at their initial values,
+    the optimizer state stays finite, and steps 2-4 train normally (only one skipped step).
+    Before the fix, fused SGD left 24 student tensors NaN and skipped 7 of 8 steps."""
+    monkeypatch.setenv("FAST_RESSL_FAULT_NAN", "1:0")
+    run = tmp_path / "run"
+    cfg = _cfg(run, f"train.precision={precision}", "train.stop_at_step=4", *OPTIMIZERS[optim])
+    summary = T.train(cfg, live=False)
+    assert summary["skipped_steps"] == 1
+    T.build_env(cfg)  # the same seeding as the run: the initial networks
+    student, teacher = build_student_teacher(cfg.model, torch.device("cpu"))
+    first = _ckpt(run, 1)
+    for net, module in (("student", student), ("teacher", teacher)):
+        for name, t in module.state_dict().items():
+            assert torch.equal(first[net][name], t), f"step 1 changed {net}.{name}"
+    assert int(first["queue"]["ptr"]) == 0
+    last = _ckpt(run, 4)
+    assert _all_finite(first) == [] and _all_finite(last) == []
+    assert int(last["queue"]["ptr"]) == (3 * 8) % 64
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(x == x for x in losses[1:]), losses  # steps 2-4 finite
+
+
+@pytest.mark.parametrize("optim", sorted(OPTIMIZERS))
+def test_nonfinite_step_right_after_resume_changes_nothing(tmp_path, monkeypatch, optim):
+    run = tmp_path / "run"
+    T.train(_cfg(run, "train.stop_at_step=2", *OPTIMIZERS[optim]), live=False)
+    monkeypatch.setenv("FAST_RESSL_FAULT_NAN", "3:0")
+    summary = T.train(_cfg(run, "train.stop_at_step=5", *OPTIMIZERS[optim]), live=False)
+    assert summary["skipped_steps"] == 1
+    a, b = _ckpt(run, 2), _ckpt(run, 3)
+    _same(a, b)
+    for i, st in a["optimizer"]["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                assert torch.equal(v, b["optimizer"]["state"][i][k]), f"optimizer {i}.{k}"
+    assert _all_finite(_ckpt(run, 5)) == []
+    assert int(_ckpt(run, 5)["queue"]["ptr"]) == (4 * 8) % 64
+
+
+# ----------------------------------------------------------------------------- 3. shuffle-BN
+class _RecordDevices(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.devices = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if torch.is_tensor(t):
+                self.devices.append((str(func), t.device.type))
+        return out
+
+
+def test_shuffle_permutation_is_made_on_the_device():
+    """No tensor of the permutation's construction lives on the host: on a GPU, a CPU permutation
+    moved with .to(device) is a blocking copy every step (the meta device stands in for the GPU)."""
+    with _RecordDevices() as rec:
+        perm = shuffle_permutation(7, 123, 64, "meta")
+    assert perm.device.type == "meta" and perm.shape == (64,)
+    assert [r for r in rec.devices if r[1] != "meta"] == []
+
+
+def test_shuffle_permutation_is_a_seeded_permutation():
+    p = shuffle_permutation(7, 123, 64, "cpu")
+    assert sorted(p.tolist()) == list(range(64))
+    assert torch.equal(p, shuffle_permutation(7, 123, 64, "cpu"))  # every rank derives the same one
+    assert not torch.equal(p, shuffle_permutation(7, 124, 64, "cpu"))
+    assert not torch.equal(p, shuffle_permutation(8, 123, 64, "cpu"))
+    # uniform enough for BN groups: where sample 0 lands over 4000 steps, 8 slots
+    counts = torch.bincount(torch.stack([shuffle_permutation(0, s, 8, "cpu")[0] for s in range(4000)]), minlength=8)
+    assert counts.min() > 400 and counts.max() < 600, counts
+
+
+class _Probe(torch.nn.Module):
+    """Records the memory format it is fed; per-sample output (independent of batch composition)."""
+
+    def __init__(self):
+        super().__init__()
+        self.formats = []
+
+    def forward(self, x):
+        self.formats.append((x.is_contiguous(memory_format=torch.channels_last), x.is_contiguous()))
+        return x.float().mean(dim=(2, 3)) * 3.0 + x[:, :, 0, 0].float()
+
+
+def _shuffle_worker(rank, world, init, out):
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        env = Env(device=torch.device("cpu"), rank=rank, world_size=world)
+        gen = torch.Generator().manual_seed(rank)
+        x = torch.randn(4, 3, 8, 8, generator=gen).contiguous(memory_format=torch.channels_last)
+        probe = _Probe()
+        keys = teacher_keys(probe, x, env, "shuffle", step=5, seed=1)
+        x_all = torch.cat([torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(r)) for r in range(world)])
+        torch.save({"formats": probe.formats, "keys": keys, "want": _Probe()(x_all)}, f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_shuffle_bn_gathers_channels_last_and_unshuffles(tmp_path):
+    mp.start_processes(_shuffle_worker, args=(2, f"file://{tmp_path}/rdzv", str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    for rank in range(2):
+        r = torch.load(tmp_path / f"rank{rank}.pt")
+        assert r["formats"] == [(True, False)], "the teacher must be fed channels_last"
+        torch.testing.assert_close(r["keys"], r["want"])  # rank order restored after the shuffle
+
+
+# ----------------------------------------------------------------------------- 7. fp32 loss
+def test_cuda_backends_keep_tf32_for_convs_and_fp32_for_matmuls():
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        T.configure_backends("cuda", deterministic=False)
+        assert torch.backends.cudnn.allow_tf32 is True
+        assert torch.backends.cuda.matmul.allow_tf32 is False  # the loss's q @ queue.T, fwd and bwd
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.benchmark) = saved
+
+
+# ----------------------------------------------------------------------------- on a GPU
+@pytest.mark.gpu
+def test_gpu_loss_matches_float64_reference_under_the_run_backends():
+    from fast_ressl.ressl import ressl_loss
+
+    T.configure_backends("cuda", deterministic=False)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(256, 512, device="cuda", generator=gen), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(256, 512, device="cuda", generator=gen), dim=1)
+    queue = torch.nn.functional.normalize(torch.randn(16384, 512, device="cuda", generator=gen), dim=1)
+    q.requires_grad_(True)
+    loss = ressl_loss(q, k, queue, 0.1, 0.04)
+    loss.backward()
+    q64 = q.detach().double().requires_grad_(True)
+    ref = ressl_loss(q64, k.double(), queue.double(), 0.1, 0.04)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) / abs(ref.item()) < 1e-5
+    rel = (q.grad.double() - q64.grad).norm() / q64.grad.norm()
+    assert rel < 1e-4, rel
+
+
+@pytest.mark.gpu
+def test_gpu_rng_state_is_this_ranks_generator_only():
+    st = T._rng_state(torch.device("cuda", 0))
+    assert isinstance(st["cuda"], bytes)
+    torch.cuda.manual_seed(3)
+    want = torch.rand(4, device="cuda")
+    T._set_rng_state(st, torch.device("cuda", 0))
+    torch.cuda.manual_seed(3)
+    assert torch.equal(torch.rand(4, device="cuda"), want)
+
+
+@pytest.mark.gpu
+def test_gpu_step_issues_no_host_sync(tmp_path):
+    """Between log intervals a step never waits for the GPU (fused SGD, bf16, the guard on)."""
+    import types
+    import warnings
+
+    from fast_ressl.data import build_loader
+    from fast_ressl.optim import build_optimizer
+    from fast_ressl.ressl import Queue
+
+    cfg = _cfg(tmp_path, "run.device=cuda", "train.precision=bf16", "train.log_every=1000",
+               "train.batch_size=32", "data.num_samples=256", "method.queue_size=256")
+    env = T.build_env(cfg)
+    student, teacher = build_student_teacher(cfg.model, env.device)
+    queue = Queue(256, 16, env.device, generator=torch.Generator().manual_seed(0))
+    opt, _ = build_optimizer(student, cfg.optim, 0.1, env.device)
+    st = T.State(student, teacher, queue, opt, torch.amp.GradScaler("cuda", enabled=False),
+                 build_loader(cfg, 0, 1, env.device))
+    meter = T._Meter(cfg, env, tmp_path, 100, 8, 0, live=False)
+    loop = T.Loop(cfg, env, st, T.build_loss_fn(cfg, 0, 32), "local", 8, 100, 0.1, None, meter,
+                  types.SimpleNamespace(signum=0))
+    loop.run(2)  # warm-up (lazy state, cuDNN autotuning)
+    torch.cuda.synchronize()
+    meter.log = lambda *a, **k: 0  # the window's last step logs: that one sync is by design
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            loop.run(st.step + 5)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert syncs == [], syncs
+    meter.close()
+
+
+@pytest.mark.gpu
+def test_gpu_kill9_then_resume_is_bitwise_exact(tmp_path):
+    over = TINY + ["run.device=cuda", "train.precision=bf16", "train.deterministic=true", "train.epochs=3",
+                   "train.ckpt_every=2"]
+    env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    env.pop("FAST_RESSL_FAULT_NAN", None)
+    recipe = tmp_path / "empty.yaml"
+    recipe.write_text("{}\n")
+
+    def cmd(run):
+        return [sys.executable, "-m", "fast_ressl", "train", str(recipe), *over, f"run.dir={run}"]
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert subprocess.run(cmd(a), cwd=REPO, env=env, capture_output=True).returncode == 0
+    proc = subprocess.Popen(cmd(b), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < 300:
+        path = b / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = subprocess.run(cmd(b), cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stdout
+
+    def losses(run):
+        by_step = {}
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            by_step[r["step"]] = r["loss"]
+        return [by_step[k] for k in sorted(by_step)]
+
+    assert losses(a) == losses(b)
+    _same(safe_load(a / "checkpoints/last.pt"), safe_load(b / "checkpoints/last.pt"))
