@@ -26,8 +26,9 @@ def _cfg(root, **extra):
     return load_config(None, tiny_overrides(root, **extra))
 
 
-def _loader(root, rank=0, world=1, debug=False, **extra):
-    return DaliTrainLoader(_cfg(root, **extra), rank, world, CPU, debug=debug, progress=False)
+def _loader(root, rank=0, world=1, debug=False, build_ahead=True, **extra):
+    return DaliTrainLoader(_cfg(root, **extra), rank, world, CPU, debug=debug, progress=False,
+                           build_ahead=build_ahead)
 
 
 def _unnormalise(x: torch.Tensor, cfg) -> torch.Tensor:
@@ -168,7 +169,9 @@ def test_every_epoch_is_reshuffled_and_drops_the_partial_batch(tmp_path):
 
 
 # ----------------------------------------------------------------------------- resume
-@pytest.mark.parametrize("stop_after", [2, 6, 7])  # mid-epoch, at the epoch boundary, into epoch 2
+# mid-epoch; while epoch 2's pipeline is being built ahead (6 batches per epoch, prefetch depth 2);
+# at the epoch boundary; into epoch 2
+@pytest.mark.parametrize("stop_after", [2, 5, 6, 7])
 def test_restore_gives_identical_next_batches(jpeg_folder, stop_after):
     ref = _loader(jpeg_folder)
     for _ in range(stop_after):
@@ -181,6 +184,56 @@ def test_restore_gives_identical_next_batches(jpeg_folder, stop_after):
     resumed = _loader(jpeg_folder)
     resumed.load_state_dict(state)
     assert_same_batches(want, [next(resumed) for _ in range(3)])
+
+
+def test_next_epoch_pipeline_is_built_ahead_not_in_its_first_next(jpeg_folder, monkeypatch):
+    """The first batch of an epoch comes from a pipeline built on a background thread while the
+    previous epoch's last batches were handed out: next() itself builds nothing (a build there costs
+    decoder set-up and, on a GPU, device and pinned allocations). The batches are bit-identical to
+    those of pipelines built on the boundary."""
+    import threading
+
+    built_on = {}  # loader -> [(epoch, built on the main thread?)]
+    real_make = DaliTrainLoader._make
+
+    def make(self, epoch, checkpoint, prepare_first_batch):
+        built_on.setdefault(id(self), []).append((epoch, threading.current_thread() is threading.main_thread()))
+        return real_make(self, epoch, checkpoint, prepare_first_batch)
+
+    monkeypatch.setattr(DaliTrainLoader, "_make", make)
+    ahead, plain = _loader(jpeg_folder), _loader(jpeg_folder, build_ahead=False)
+    spe = ahead.steps_per_epoch
+    assert spe == 6 and ahead.ahead_batches == 2
+    want = [next(plain) for _ in range(3 * spe)]
+    got = [next(ahead) for _ in range(spe - 3)]
+    assert ahead.builds == [("sync", 0)]
+    got.append(next(ahead))  # the 2 batches left are already scheduled in epoch 0's pipeline
+    assert ahead.builds == [("sync", 0), ("ahead", 1)]
+    got += [next(ahead) for _ in range(2)]  # the rest of epoch 0
+    monkeypatch.setattr(DaliTrainLoader, "_build", lambda *a: pytest.fail("a pipeline was built inside next()"))
+    got += [next(ahead) for _ in range(2 * spe)]  # epochs 1 and 2: swapped in
+    assert ahead.builds == [("sync", 0), ("ahead", 1), ("ahead", 2), ("ahead", 3)]
+    assert built_on[id(ahead)][0] == (0, True)  # start-up: the first next() builds epoch 0
+    ahead._ahead.get()  # epoch 3's build, started during epoch 2's last batches
+    assert sorted(built_on[id(ahead)][1:]) == [(1, False), (2, False), (3, False)]
+    assert built_on[id(plain)] == [(0, True), (1, True), (2, True)]
+    assert_same_batches(want, got)
+
+
+def test_ahead_build_error_surfaces_on_the_epochs_first_batch(jpeg_folder, monkeypatch):
+    L = _loader(jpeg_folder)
+    real_make = DaliTrainLoader._make
+
+    def make(self, epoch, checkpoint, prepare_first_batch):
+        if epoch == 1:
+            raise RuntimeError("decoder failed for epoch 1")
+        return real_make(self, epoch, checkpoint, prepare_first_batch)
+
+    monkeypatch.setattr(DaliTrainLoader, "_make", make)
+    for _ in range(L.steps_per_epoch):
+        next(L)  # epoch 0 is unaffected by its successor's failing build
+    with pytest.raises(RuntimeError, match="decoder failed for epoch 1"):
+        next(L)
 
 
 # ----------------------------------------------------------------------------- bad files
@@ -353,7 +406,7 @@ def test_multicrop_recipe_gives_five_student_views(jpeg_folder):
 
 
 # ----------------------------------------------------------------------------- GPU (mixed decode)
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_gpu_mixed_decode_contract_and_resume(messy_folder):
     root, _, bad = messy_folder
     dev = torch.device("cuda", 0)
@@ -371,3 +424,17 @@ def test_gpu_mixed_decode_contract_and_resume(messy_folder):
     R.load_state_dict(state)
     for a, c in zip(want, (next(R) for _ in range(2))):
         assert torch.equal(a.x_weak, c.x_weak) and torch.equal(a.labels, c.labels)
+
+
+@pytest.mark.gpu
+def test_gpu_epochs_built_ahead_match_epochs_built_on_the_boundary(jpeg_folder):
+    """The ahead build runs DALI's mixed decoder and hands CUDA tensors over from a side thread: the
+    batches of 3 epochs equal those of pipelines built on the boundary."""
+    dev = torch.device("cuda", 0)
+    cfg = _cfg(jpeg_folder)
+    ahead = DaliTrainLoader(cfg, 0, 1, dev, progress=False)
+    plain = DaliTrainLoader(cfg, 0, 1, dev, progress=False, build_ahead=False)
+    n = 3 * ahead.steps_per_epoch
+    got, want = [next(ahead) for _ in range(n)], [next(plain) for _ in range(n)]
+    assert [kind for kind, _ in ahead.builds] == ["sync", "ahead", "ahead", "ahead"]
+    assert_same_batches(want, got)
