@@ -152,6 +152,4 @@ def teacher_keys(teacher: torch.nn.Module, x_weak: torch.Tensor, env: Env, polic
     else:
         x_mine = x_all.index_select(0, mine)
     k_shuffled = all_gather_cat(teacher(x_mine), env)  # row j holds sample perm[j]
-    k = torch.empty_like(k_shuffled)
-    k[perm] = k_shuffled
-    return k
+    return torch.empty_like(k_shuffled).index_copy_(0, perm, k_shuffled)  # row perm[j] <- row j
