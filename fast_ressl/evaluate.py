@@ -3,11 +3,12 @@
 - `knn_classify`: the common weighted kNN protocol (InstDisc/DINO): L2-normalised features, cosine
   similarity, the k nearest training samples vote for their class with weight exp(sim / T)
   (k=200, T=0.1 by default).
-- `knn_monitor`: called by the training loop at every epoch boundary; every `eval.knn_every_epochs`
-  epochs it extracts features of a labelled training subset and of the validation set with the
-  student backbone (eval mode, center crops) and logs kNN top-1/top-5 to metrics.jsonl and the
-  console. At the last epoch, with `eval.knn_compare_random=true`, it also prints the same number for
-  the same backbone randomly initialised (the demo's "did it learn" line).
+- `knn_monitor`: called by the training loop on every rank at every epoch boundary; every
+  `eval.knn_every_epochs` epochs it extracts features of a labelled training subset and of the
+  validation set with the student backbone (eval mode, center crops), each rank its own block, gathers
+  them and logs kNN top-1/top-5 to metrics.jsonl and the console. At the last epoch, with
+  `eval.knn_compare_random=true`, it also prints the same number for the same backbone randomly
+  initialised (the demo's "did it learn" line).
 - `linear_probe`: frozen backbone (eval mode), one Linear layer initialised N(0, 0.01), SGD lr 0.3,
   momentum 0.9, no weight decay, batch 256, cosine, RandomResizedCrop + flip (the paper's protocol);
   reports the FINAL epoch's top-1/top-5 (not the best).
@@ -20,6 +21,7 @@ Eval data: `data.source=embedded` uses the embedded train/val folders; `folder` 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -92,20 +94,53 @@ def eval_roots(cfg: Config, train_root: Optional[str] = None,
     return str(train_root), str(val_root)
 
 
+def _is_train_root(cfg: Config, root: str) -> bool:
+    """Whether `root` is the class-folder root training reads (then `data.denylist` is its denylist)."""
+    d = cfg.data
+    if d.source == "folder" and d.root:
+        train = d.root
+    elif d.source == "embedded":
+        from .embedded import ensure_embedded
+
+        train = ensure_embedded(d.embedded_dir, quiet=True)["train"]
+    else:
+        return False
+    return os.path.abspath(train) == os.path.abspath(root)
+
+
+def _denylist_path(cfg: Config, root: str) -> str:
+    """The denylist of the class folders at `root`: `data.denylist` for the training root, the default
+    location for any other root (the custom file lists the training set's bad files: read for a val
+    root its file count would not match and the val scan would overwrite it)."""
+    from .datasets import default_denylist_path
+
+    if cfg.data.denylist and _is_train_root(cfg, root):
+        return cfg.data.denylist
+    root = os.path.abspath(root)
+    return default_denylist_path(root, root)
+
+
+def _subset(ds, max_samples: int, seed: int):
+    """A fixed random subset of `max_samples` files of `ds` in listing order (all when 0 or more)."""
+    from .datasets import FileDataset
+
+    if not max_samples or len(ds) <= max_samples:
+        return ds
+    g = torch.Generator().manual_seed(seed)
+    idx = sorted(torch.randperm(len(ds), generator=g)[:max_samples].tolist())
+    return FileDataset([ds.files[i] for i in idx], [ds.labels[i] for i in idx], ds.classes, ds.root,
+                       ds.bad_files, ds.bad_reasons)
+
+
 def _dataset(cfg: Config, root: str, max_samples: int = 0, seed: int = 0):
     """The class folders at `root` (bad files dropped via the denylist scan), optionally a fixed
     random subset of `max_samples` files."""
-    from .datasets import FileDataset, prepare_dataset
+    from .datasets import prepare_dataset
 
     sub = copy.deepcopy(cfg)
-    sub.data.source, sub.data.root, sub.data.denylist = "folder", str(root), None
-    ds = prepare_dataset(sub, progress=False)
-    if max_samples and len(ds) > max_samples:
-        g = torch.Generator().manual_seed(seed)
-        idx = sorted(torch.randperm(len(ds), generator=g)[:max_samples].tolist())
-        ds = FileDataset([ds.files[i] for i in idx], [ds.labels[i] for i in idx], ds.classes, ds.root,
-                         ds.bad_files, ds.bad_reasons)
-    return ds
+    sub.data.source, sub.data.root = "folder", str(root)
+    sub.data.denylist = _denylist_path(cfg, root)
+    return _subset(prepare_dataset(sub, progress=False), max_samples, seed)
 
 
 def eval_batches(cfg: Config, ds, device: torch.device, batch_size: int = 256):
@@ -290,11 +325,13 @@ def _knn_line(res: dict, k: int, temperature: float) -> str:
 
 # ----------------------------------------------------------------------------- online monitor
 class _MonitorData:
-    """Per-run cache of the monitor's eval data (built on the first call)."""
+    """Per-run cache of this rank's share of the monitor's eval data (built on the first call)."""
 
     key: Optional[str] = None
-    train: Any = None
-    val: Any = None
+    train: Any = None  # this rank's block of the kNN train subset as eval batches; None: no images
+    val: Any = None  # ... of the validation set
+    train_size: int = 0  # images in the whole subset / validation set (all ranks together)
+    val_size: int = 0
     num_classes: int = 0
     disabled_reason: Optional[str] = None
 
@@ -302,56 +339,204 @@ class _MonitorData:
 _MONITOR = _MonitorData()
 
 
-def _monitor_data(cfg: Config, device: torch.device) -> Optional[_MonitorData]:
+def _block(n: int, env: Any) -> Tuple[int, int]:
+    """[lo, hi) of rank r's contiguous block of n items: n*r//w to n*(r+1)//w. Blocks are disjoint,
+    cover range(n) in rank order and differ in size by at most one."""
+    return n * env.rank // env.world_size, n * (env.rank + 1) // env.world_size
+
+
+def _scanned_folder(cfg: Config, root: str, env: Any):
+    """The class folders at `root`, bad files dropped, prepared once for all ranks: rank 0 lists the
+    folder and reads its denylist, and the other ranks get both from it over the gloo control group
+    (no rank but 0 lists). Without a current denylist each rank decodes its block of the files and
+    rank 0 writes the merged denylist, so an ImageNet-size val scan is split over the ranks instead of
+    keeping the others waiting for rank 0. A failure raises DataError on every rank."""
+    from . import dist
+    from .datasets import DataError, apply_denylist, list_folder, read_denylist, scan_files, write_denylist
+
+    d = cfg.data
+    listing: Any = None
+    if env.is_main:
+        try:
+            ds = list_folder(root)
+            path = _denylist_path(cfg, ds.root)
+            bad = None if d.scan else {}
+            if d.scan and os.path.exists(path):
+                num_files, known = read_denylist(path)
+                bad = known if num_files == len(ds.files) else None  # else the folder changed since
+            listing = (ds, path, bad)
+        except Exception as err:  # sent to every rank: the others must not wait for a listing
+            listing = str(err) if isinstance(err, DataError) else f"{root}: {err}"  # DataError names it
+    listing = dist.gather_objects(listing, env)[0]
+    if isinstance(listing, str):
+        raise DataError(listing)
+    ds, path, bad = listing
+    if bad is None:
+        if env.is_main:
+            log.info(f"kNN monitor: no denylist for {ds.root}; decoding its {len(ds)} files once over "
+                     f"{env.world_size} rank(s) (writes {path})")
+        lo, hi = _block(len(ds), env)
+        mine = scan_files(ds.files[lo:hi], num_threads=d.num_threads, progress=False)
+        bad = {p: reason for part in dist.gather_objects(mine, env) for p, reason in part.items()}
+        if env.is_main:
+            write_denylist(path, len(ds.files), bad, ds.root)
+    return apply_denylist(ds, bad, d.max_bad_fraction, where=ds.root)
+
+
+def _train_files(cfg: Config, root: str, loader: Any, env: Any):
+    """The labelled training files: the training loader's dataset when it reads `root` (the usual
+    case: listed and denylisted at start, with `data.denylist` honoured, so nothing is listed or
+    scanned again; ImageNet: 1.28M files, about an hour to rescan), else `_scanned_folder`."""
+    from .datasets import FileDataset
+
+    ds = getattr(loader, "dataset", None)
+    if isinstance(ds, FileDataset) and ds.classes and ds.root == os.path.abspath(root):
+        return ds
+    return _scanned_folder(cfg, root, env)
+
+
+def _block_batches(cfg: Config, ds, env: Any):
+    """Eval batches of this rank's block of `ds` (None when the block is empty: fewer images than
+    ranks), decoded once and kept when the block's crops fit in eval.cache_mb (per rank)."""
+    from .datasets import FileDataset
+
+    lo, hi = _block(len(ds), env)
+    if lo == hi:
+        return None
+    block = FileDataset(ds.files[lo:hi], ds.labels[lo:hi], ds.classes, ds.root)
+    batches = eval_batches(cfg, block, env.device, cfg.eval.batch_size)
+    return _CachedImages(batches) if _images_bytes(cfg, hi - lo) <= cfg.eval.cache_mb * 2 ** 20 else batches
+
+
+def _monitor_data(cfg: Config, env: Any, loader: Any) -> Optional[_MonitorData]:
     e = cfg.eval
     from .config import to_dict
 
     d = to_dict(cfg)
-    key = json.dumps({"data": d["data"], "eval": d["eval"]}, sort_keys=True)  # not id(cfg): ids are reused
+    key = json.dumps({"data": d["data"], "eval": d["eval"], "rank": env.rank, "world_size": env.world_size,
+                      "device": str(env.device)}, sort_keys=True)  # not id(cfg): ids are reused
     if _MONITOR.key == key:
         return None if _MONITOR.disabled_reason else _MONITOR
-    _MONITOR.key, _MONITOR.disabled_reason = key, None
+    _MONITOR.key, _MONITOR.disabled_reason = None, None
     try:
         tr_root, va_root = eval_roots(cfg)
-    except ValueError as err:
-        _MONITOR.disabled_reason = str(err)
-        log.info(f"kNN monitor off: {err}")
+    except ValueError as err:  # decided by cfg alone: the same on every rank
+        _MONITOR.key, _MONITOR.disabled_reason = key, str(err)
+        if env.is_main:
+            log.info(f"kNN monitor off: {err}")
         return None
-    tr_ds = _dataset(cfg, tr_root, e.knn_train_samples, seed=cfg.data.seed)
-    va_ds = _dataset(cfg, va_root, e.knn_val_samples, seed=cfg.data.seed)
+    tr_ds = _subset(_train_files(cfg, tr_root, loader, env), e.knn_train_samples, cfg.data.seed)
+    va_ds = _subset(_scanned_folder(cfg, va_root, env), e.knn_val_samples, cfg.data.seed)
     _MONITOR.num_classes = len(tr_ds.classes)
-    cache = _images_bytes(cfg, len(tr_ds) + len(va_ds)) <= e.cache_mb * 2 ** 20
-    _MONITOR.train = eval_batches(cfg, tr_ds, device, e.batch_size)
-    _MONITOR.val = eval_batches(cfg, va_ds, device, e.batch_size)
-    if cache:
-        _MONITOR.train, _MONITOR.val = _CachedImages(_MONITOR.train), _CachedImages(_MONITOR.val)
+    _MONITOR.train_size, _MONITOR.val_size = len(tr_ds), len(va_ds)
+    _MONITOR.train, _MONITOR.val = _block_batches(cfg, tr_ds, env), _block_batches(cfg, va_ds, env)
+    _MONITOR.key = key  # complete: later calls reuse it
     return _MONITOR
 
 
+@torch.no_grad()
+def gather_features(backbone: nn.Module, batches, env: Any) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+    """Features (N, D) float32 and labels (N,) int64 of all ranks' blocks, concatenated in rank order
+    on every rank (with contiguous blocks: the order one process extracting everything gives), and the
+    images each rank extracted (world_size ints). `batches` is this rank's block (None: empty).
+
+    Collectives, the same on every rank: all_gather of the counts, then of the features and labels
+    padded to the largest block (all_gather needs equal shapes; blocks differ by one image at most)."""
+    from . import dist
+
+    if batches is None:
+        f = torch.zeros(0, feature_dim(backbone), device=env.device)
+        y = torch.zeros(0, dtype=torch.int64, device=env.device)
+    else:
+        f, y = extract_features(backbone, batches, env.device)
+    if not env.distributed:
+        return f, y, [f.shape[0]]
+    counts = dist.all_gather_cat(torch.tensor([f.shape[0]], device=env.device), env).tolist()
+    m = max(counts)
+    f_all = dist.all_gather_cat(F.pad(f, (0, 0, 0, m - f.shape[0])), env)  # (world*m, D)
+    y_all = dist.all_gather_cat(F.pad(y, (0, m - y.shape[0])), env)
+    keep = torch.cat([torch.arange(r * m, r * m + c) for r, c in enumerate(counts)]).to(env.device)
+    return f_all[keep], y_all[keep], counts
+
+
+@contextlib.contextmanager
+def _rank0_buffers(module: nn.Module, env: Any):
+    """Rank 0's buffers (BN running statistics) in `module` on every rank for the duration, each
+    rank's own restored afterwards. DDP runs with broadcast_buffers=False, so every rank's student
+    has its own statistics; rank 0's are the ones its checkpoint holds and `fast-ressl knn` uses, so
+    all blocks are extracted with the same network."""
+    if not env.distributed:
+        yield
+        return
+    buffers = list(module.buffers())
+    own = [b.clone() for b in buffers]
+    for b in buffers:
+        torch.distributed.broadcast(b, src=0)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, saved in zip(buffers, own):
+                b.copy_(saved)
+
+
+def _monitor_features(backbone: nn.Module, data: _MonitorData, env: Any):
+    """(train features (N, D), train labels (N,), val features (M, D), val labels (M,), images each rank
+    extracted (world_size ints, train + val)) of `backbone` over all ranks' blocks with rank 0's
+    buffers, the same on every rank: what one process extracting the whole subset and val set gets."""
+    with _rank0_buffers(backbone, env):
+        tf, tl, tc = gather_features(backbone, data.train, env)
+        vf, vl, vc = gather_features(backbone, data.val, env)
+    if (tf.shape[0], vf.shape[0]) != (data.train_size, data.val_size):  # the same on every rank
+        raise RuntimeError(f"kNN monitor: the ranks extracted {tc} train and {vc} val images, expected "
+                           f"{data.train_size} and {data.val_size} in all (an eval loader dropped or "
+                           "repeated images)")
+    return tf, tl, vf, vl, [a + b for a, b in zip(tc, vc)]
+
+
+def _knn_pass(backbone: nn.Module, data: _MonitorData, env: Any, k: int,
+              temperature: float) -> Tuple[Dict[str, float], List[int]]:
+    """kNN top-1/top-5 of `backbone` (the same on every rank) and the images each rank extracted."""
+    tf, tl, vf, vl, per_rank = _monitor_features(backbone, data, env)
+    return topk_accuracy(knn_classify(tf, tl, vf, data.num_classes, k, temperature), vl), per_rank
+
+
 def knn_monitor(cfg: Config, env: Any, state: Any, meter: Any, epoch: int, total_epochs: int) -> None:
-    """Called by the loop after each completed epoch (`epoch` counts from 1). Rank 0 evaluates;
-    other ranks go on to their next step (and wait there in the gradient all-reduce)."""
+    """Called by the loop on every rank after each completed epoch (`epoch` counts from 1).
+
+    Every rank decodes and forwards its own block of the kNN train subset and of the val set (about
+    1/world_size of the images each, with rank 0's BN statistics) and the features are gathered, so
+    every rank computes the 1-process kNN result; rank 0 logs it and writes metrics.jsonl (with the
+    images each rank extracted) and, at the end, knn.json. The training set's file list comes from
+    the training loader (no listing or scan of it here); the val set is scanned on the first call,
+    split over the ranks, and cached.
+
+    No rank can sit out a whole check in a collective and hit train.dist_timeout_s: all ranks do the
+    check in parallel and meet only in the gathers, where a rank waits for the others to finish their
+    blocks of the same size (the skew between ranks, not the length of the check). The one wait on a
+    single rank is rank 0 listing the val folder on the first call."""
     e = cfg.eval
     final = epoch >= total_epochs
     due = bool(e.knn_every_epochs) and epoch % e.knn_every_epochs == 0
     compare = final and e.knn_compare_random
-    if not (due or compare) or not env.is_main:
+    if not (due or compare):
         return
-    data = _monitor_data(cfg, env.device)
+    data = _monitor_data(cfg, env, state.loader)
     if data is None:
         return
     t0 = time.perf_counter()
     backbone = getattr(state.student, "module", state.student).backbone
-    res = {"pretrained": knn_eval(backbone, data.train, data.val, data.num_classes, env.device,
-                                  e.knn_k, e.knn_t)}
-    record = {"step": state.step, "epoch": epoch - 1, "knn_top1": res["pretrained"]["top1"],
-              "knn_top5": res["pretrained"]["top5"]}
-    if compare:
+    pretrained, per_rank = _knn_pass(backbone, data, env, e.knn_k, e.knn_t)
+    res = {"pretrained": pretrained}
+    record = {"step": state.step, "epoch": epoch - 1, "knn_top1": pretrained["top1"],
+              "knn_top5": pretrained["top5"], "knn_images_per_rank": per_rank}
+    if compare:  # the same seed on every rank: the same random weights, no broadcast needed
         rnd = build_backbone(cfg, None, seed=cfg.train.seed).to(env.device)
         rnd = rnd.to(memory_format=torch.channels_last)
-        res["random_init"] = knn_eval(rnd, data.train, data.val, data.num_classes, env.device,
-                                      e.knn_k, e.knn_t)
+        res["random_init"], _ = _knn_pass(rnd, data, env, e.knn_k, e.knn_t)
         record["knn_top1_random_init"] = res["random_init"]["top1"]
+    if not env.is_main:
+        return
     record["knn_s"] = round(time.perf_counter() - t0, 3)
     record["time"] = time.time()
     if meter.metrics is not None:
