@@ -48,6 +48,18 @@ class ModelConfig:
     pred_hidden_dim: int = 4096
     # CIFAR-style ResNet stem (3x3 stride-1 conv, no max-pool) for 32-64 px inputs; ResNets only.
     small_input_stem: bool = False
+    # timm ResNets zero the last BN weight of every residual block by default; the official ReSSL
+    # code (torchvision, zero_init_residual=False) does not, and that one difference changed the
+    # demo's learning curve in a side-by-side run. false = the official init. Only ResNet-family
+    # builders take the option; timm's EfficientNet and MobileNetV3 never zero-init a BN (checked:
+    # 0 all-zero BN weights at init), so false is their only behaviour and true is refused.
+    zero_init_last: bool = False
+    # BatchNorm statistics over groups of this many images of the per-rank batch (0 = the whole
+    # batch). The official ImageNet run normalised over 32 images per GPU (8 GPUs, shuffle-BN); one
+    # GPU at batch 256 with bn_group_size=32 reproduces those statistics: the student's BN splits
+    # its batch into groups (SplitBatchNorm), the teacher's batch is shuffled before its grouped BN
+    # and unshuffled after (shuffle-BN within the batch).
+    bn_group_size: int = 0
     compile: bool = False  # torch.compile the student and teacher networks too
     # Teacher BatchNorm across ranks: shuffle (MoCo's shuffle-BN, the original ImageNet recipe), sync
     # (SyncBatchNorm, CUDA only) or local (per-rank batch statistics). auto = local on one rank,
@@ -76,7 +88,12 @@ class OptimConfig:
     name: str = "sgd"
     lr: float = 0.05  # per 256 images; the run uses lr * global_batch / 256
     momentum: float = 0.9
-    weight_decay: float = 1e-4  # not applied to norm and bias parameters
+    weight_decay: float = 1e-4  # see weight_decay_filter for which parameters get it
+    # Which parameters get no weight decay (nor LARS/LAMB adaptation): ndim = every 1-D parameter
+    # (norm scales/shifts and biases, the usual modern rule); name = names containing 'bn' or
+    # 'bias', as the official ImageNet code (ResNet-50's 4 downsample BN weights, named
+    # downsample.1, are decayed); none = decay everything, as the authors' small-data code.
+    weight_decay_filter: str = "ndim"
     warmup_epochs: float = 5.0  # linear per-iteration warm-up, then half-cosine to min_lr
     min_lr: float = 0.0
     fused: Optional[bool] = None  # None = use torch's fused kernel where the device supports it
@@ -203,6 +220,7 @@ _CHOICES = {
     "method.infonce_handover": ("hard", "linear"),
     "optim.name": ("sgd", "lars", "lamb", "adamw"),
     "optim.impl": ("auto", "torch", "timm", "apex"),
+    "optim.weight_decay_filter": ("ndim", "name", "none"),
     "data.source": ("synthetic", "folder", "filelist", "webdataset", "embedded"),
     "data.loader": ("dali", "torch"),
     "data.dtype": ("fp16", "bf16", "fp32"),
@@ -346,6 +364,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         check(d.root is not None, f"data.source={d.source} needs data.root (a directory)")
     if d.source == "filelist":
         check(d.file_list is not None, "data.source=filelist needs data.file_list")
+    check(cfg.model.bn_group_size >= 0, "model.bn_group_size must be >= 0 (0 = the whole per-rank batch)")
+    if cfg.model.bn_group_size:
+        per_rank = t.batch_size // world_size
+        check(per_rank % cfg.model.bn_group_size == 0,
+              f"model.bn_group_size={cfg.model.bn_group_size} must divide the per-rank batch {per_rank} "
+              f"(train.batch_size={t.batch_size} over {world_size} rank(s))")
     if cfg.model.small_input_stem:
         check(cfg.model.backbone.startswith("resnet"),
               f"model.small_input_stem needs a ResNet backbone, not {cfg.model.backbone}")

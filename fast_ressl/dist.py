@@ -137,11 +137,13 @@ def teacher_keys(teacher: torch.nn.Module, x_weak: torch.Tensor, env: Env, polic
     permuted with a permutation every rank derives on the device from (seed, step) (no broadcast, no
     host sync), each rank forwards its slice, and the keys are gathered and unshuffled, so a rank's
     BN batch mixes samples of all ranks and BN statistics cannot leak which samples belong together.
+    On one rank 'shuffle' permutes the batch itself: with BN groups (model.bn_group_size) the
+    teacher's groups then differ from the student's, as on 8 GPUs with shuffle-BN.
     'local' and 'sync' forward the local batch (with SyncBatchNorm converted in for 'sync') and
     gather the keys.
     """
     n = x_weak.shape[0]
-    if policy != "shuffle" or not env.distributed:
+    if policy != "shuffle":
         return all_gather_cat(teacher(x_weak), env)
     x_all = all_gather_cat(x_weak, env)
     perm = shuffle_permutation(seed, step, env.world_size * n, x_weak.device)

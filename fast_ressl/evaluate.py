@@ -237,14 +237,12 @@ def backbone_state(sd: dict, which: str = "student") -> Dict[str, torch.Tensor]:
 def build_backbone(cfg: Config, state: Optional[Dict[str, torch.Tensor]] = None,
                    seed: int = 0) -> nn.Module:
     """The timm backbone of `cfg.model` (with the small-input stem if configured); `state` None =
-    random initialisation (seeded)."""
-    from .model import _small_input_stem
-    import timm
+    random initialisation (seeded), the same initialisation training starts from
+    (model.zero_init_last)."""
+    from .model import create_backbone
 
     torch.manual_seed(seed)
-    m = timm.create_model(cfg.model.backbone, num_classes=0, pretrained=False)
-    if cfg.model.small_input_stem:
-        _small_input_stem(m, cfg.model.backbone)
+    m = create_backbone(cfg.model)
     if state is not None:
         m.load_state_dict(state, strict=True)
     return m

@@ -7,6 +7,7 @@ from typing import Dict, List, Tuple
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .config import ModelConfig
 
@@ -19,12 +20,7 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        try:
-            self.backbone = timm.create_model(cfg.backbone, num_classes=0, pretrained=False)
-        except RuntimeError as e:  # timm raises RuntimeError('Unknown model (...)')
-            raise ValueError(f"model.backbone={cfg.backbone!r}: {e}") from None
-        if cfg.small_input_stem:
-            _small_input_stem(self.backbone, cfg.backbone)
+        self.backbone = create_backbone(cfg)
         # Pooled output width: timm models with a conv head after pooling (MobileNetV3) report it as
         # head_hidden_size (num_features is the width before that head).
         feat = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
@@ -48,6 +44,27 @@ class Encoder(nn.Module):
         return self.predictor(z) if self.predictor is not None else z
 
 
+def create_backbone(cfg: ModelConfig) -> nn.Module:
+    """The timm backbone of `cfg` with num_classes=0 (pooled features), randomly initialised as the
+    official code (model.zero_init_last), with the small-input stem if configured."""
+    try:
+        try:
+            backbone = timm.create_model(cfg.backbone, num_classes=0, pretrained=False,
+                                         zero_init_last=cfg.zero_init_last)
+        except TypeError as e:  # builders without the option (EfficientNet, MobileNetV3, ...)
+            if "zero_init_last" not in str(e):
+                raise
+            if cfg.zero_init_last:
+                raise ValueError(f"model.zero_init_last=true: {cfg.backbone} has no zero-init-last "
+                                 "option in timm (it never zero-initialises a BN); use false") from None
+            backbone = timm.create_model(cfg.backbone, num_classes=0, pretrained=False)
+    except RuntimeError as e:  # timm raises RuntimeError('Unknown model (...)')
+        raise ValueError(f"model.backbone={cfg.backbone!r}: {e}") from None
+    if cfg.small_input_stem:
+        _small_input_stem(backbone, cfg.backbone)
+    return backbone
+
+
 def _small_input_stem(backbone: nn.Module, name: str) -> None:
     """CIFAR-style stem (3x3 stride-1 conv, no max-pool) for 32-64 px inputs, as the small-data
     ReSSL code uses: a 7x7/2 conv + pool would leave a 32 px image at 8x8 before the first block."""
@@ -63,6 +80,8 @@ def build_student_teacher(cfg: ModelConfig, device: torch.device,
     """Student (trainable) and teacher (frozen EMA copy, no predictor), both in train mode: the
     teacher's BatchNorm uses the statistics of its own batch, as in the reference."""
     student = Encoder(cfg)
+    if cfg.bn_group_size:
+        group_batchnorm(student, cfg.bn_group_size)
     teacher = copy.deepcopy(student)
     teacher.predictor = None
     for p in teacher.parameters():
@@ -72,6 +91,54 @@ def build_student_teacher(cfg: ModelConfig, device: torch.device,
     teacher.to(device=device, memory_format=fmt)
     flatten_buffers([student, teacher])  # after .to(): moving a module re-creates its buffers
     return student, teacher
+
+
+class GroupedBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training-mode statistics come from groups of `group_size` images of the
+    batch (SplitBatchNorm of the authors' small-data code: group j holds samples j, j+G', j+2G', ...
+    with G' = N / group_size groups). Running statistics are updated with the mean over groups.
+    Eval mode is plain BatchNorm. Built by `group_batchnorm` from a BatchNorm1d/2d (class swap:
+    parameters and buffers stay the same tensors).
+
+    x: (N, C) or (N, C, H, W), any memory format; the grouped normalisation needs one copy in and
+    one out (the groups are not a view of a channels_last batch), so it costs more than plain BN:
+    use it only to reproduce a many-GPU recipe's statistics on fewer GPUs.
+    """
+
+    group_size: int = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if not self.training or not self.group_size or n <= self.group_size:
+            return super().forward(x)
+        if n % self.group_size:
+            raise ValueError(f"model.bn_group_size={self.group_size} does not divide the batch of {n}")
+        groups, c, rest = n // self.group_size, x.shape[1], x.shape[2:]
+        # (N, C, *rest) -> (G, groups*C, *rest): sample n = g*groups + j lands in channel block j
+        xs = x.reshape(self.group_size, groups * c, *rest)
+        mean_s, var_s = self.running_mean.repeat(groups), self.running_var.repeat(groups)
+        out = F.batch_norm(xs, mean_s, var_s, self.weight.repeat(groups) if self.affine else None,
+                           self.bias.repeat(groups) if self.affine else None, True,
+                           self.momentum if self.momentum is not None else 0.1, self.eps)
+        with torch.no_grad():
+            self.running_mean.copy_(mean_s.view(groups, c).mean(0))
+            self.running_var.copy_(var_s.view(groups, c).mean(0))
+            self.num_batches_tracked.add_(1)
+        out = out.reshape(x.shape)
+        return out.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and \
+            x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else out
+
+
+def group_batchnorm(module: nn.Module, group_size: int) -> int:
+    """Turn every BatchNorm1d/2d of `module` into a GroupedBatchNorm of `group_size` (in place);
+    returns how many."""
+    count = 0
+    for m in module.modules():
+        if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
+            m.__class__ = type(f"Grouped{type(m).__name__}", (GroupedBatchNorm, type(m)), {})
+            m.group_size = group_size
+            count += 1
+    return count
 
 
 # Start offsets inside a flat buffer are rounded up to this many elements (64 B for float32), so

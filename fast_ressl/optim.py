@@ -28,17 +28,30 @@ from .config import OptimConfig
 LAMB_MAX_GRAD_NORM = 1.0
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
-    """Split trainable parameters: weights of convs/linears get weight decay; 1-D parameters
-    (BatchNorm/LayerNorm scales and shifts, biases) get none, as in the official recipe."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+def no_decay(name: str, p: torch.Tensor, rule: str) -> bool:
+    """Whether parameter `name` skips weight decay (and LARS/LAMB adaptation) under `rule`:
+    ndim = every 1-D parameter (norm scales/shifts, biases); name = 'bn' or 'bias' in the name (the
+    official ReSSL ImageNet code; timm's ResNet names match torchvision's, so its downsample BN,
+    `downsample.1`, is decayed there too); none = nothing is excluded (the small-data code)."""
+    if rule == "ndim":
+        return p.ndim <= 1
+    if rule == "name":
+        return "bn" in name or "bias" in name
+    if rule == "none":
+        return False
+    raise ValueError(f"optim.weight_decay_filter={rule!r}: use ndim, name or none")
+
+
+def param_groups(model: nn.Module, weight_decay: float, rule: str = "ndim") -> List[dict]:
+    """Split trainable parameters into a decayed group and a group with weight_decay 0 (`no_decay`)."""
+    decay, excluded = [], []
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 else decay).append(p)
+        (excluded if no_decay(name, p, rule) else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": excluded, "weight_decay": 0.0},
     ]
 
 
@@ -75,7 +88,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float,
     A requested implementation that cannot be used here (impl=apex without apex or CUDA) falls back to
     timm, and the description says so and why.
     """
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_filter)
     fused = fused_supported(device) if cfg.fused is None else cfg.fused
     kernel = "fused" if fused else "foreach"
     excluded = "norm/bias excluded from adaptation and decay"

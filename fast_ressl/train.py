@@ -83,8 +83,8 @@ def configure_backends(device_type: str, deterministic: bool) -> None:
 
 def teacher_bn_policy(cfg: Config, env: Env) -> str:
     policy = cfg.model.teacher_bn
-    if policy == "auto":  # one rank: nothing to shuffle across; several: the original recipe
-        policy = "shuffle" if env.distributed else "local"
+    if policy == "auto":  # several ranks: the original recipe; one rank: shuffle only for BN groups
+        policy = "shuffle" if env.distributed or cfg.model.bn_group_size else "local"
     if policy == "sync" and env.device.type != "cuda":
         raise RuntimeError("model.teacher_bn=sync needs CUDA (torch's SyncBatchNorm); use shuffle or local")
     return policy

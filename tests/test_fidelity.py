@@ -1,0 +1,106 @@
+"""Fidelity to the official ReSSL code (issue 12): initialisation, weight-decay filter, BN groups."""
+import pytest
+import torch
+import torch.nn as nn
+
+from fast_ressl import train as T
+from fast_ressl.config import ConfigError, ModelConfig, OptimConfig, load_config
+from fast_ressl.dist import Env
+from fast_ressl.model import GroupedBatchNorm, build_student_teacher, create_backbone, group_batchnorm
+from fast_ressl.optim import param_groups
+
+
+def _zero_bn_weights(m):
+    return [n for n, p in m.named_parameters() if p.ndim == 1 and "bn" in n and n.endswith("weight")
+            and float(p.detach().abs().sum()) == 0.0]
+
+
+# ----------------------------------------------------------------------------- initialisation
+def test_resnets_start_like_the_official_code():
+    """The official code builds torchvision ResNets with zero_init_residual=False; timm zeroes the
+    last BN weight of every block by default (8 in ResNet-18), which changed the learning curve."""
+    assert _zero_bn_weights(create_backbone(ModelConfig(backbone="resnet18"))) == []
+    assert len(_zero_bn_weights(create_backbone(ModelConfig(backbone="resnet18", zero_init_last=True)))) == 8
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_small_100"])
+def test_families_without_the_option_never_zero_init(name):
+    assert _zero_bn_weights(create_backbone(ModelConfig(backbone=name))) == []
+    with pytest.raises(ValueError, match="model.zero_init_last"):
+        create_backbone(ModelConfig(backbone=name, zero_init_last=True))
+
+
+# ----------------------------------------------------------------------------- weight decay
+@pytest.mark.parametrize("rule,downsample_bn_decayed,bn_decayed,bias_decayed", [
+    ("ndim", False, False, False), ("name", True, False, False), ("none", True, True, True)])
+def test_weight_decay_filter(rule, downsample_bn_decayed, bn_decayed, bias_decayed):
+    cfg = ModelConfig(backbone="resnet18", proj_hidden_dim=32, proj_dim=16)
+    student, _ = build_student_teacher(cfg, torch.device("cpu"))
+    decay, excluded = param_groups(student, 1e-4, rule)
+    names = {id(p): n for n, p in student.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert len(decayed) + len(excluded["params"]) == len(names)
+    assert ("backbone.layer2.0.downsample.1.weight" in decayed) == downsample_bn_decayed
+    assert ("backbone.bn1.weight" in decayed) == bn_decayed
+    assert ("projector.0.bias" in decayed) == bias_decayed
+    assert "backbone.conv1.weight" in decayed
+
+
+def test_weight_decay_filter_is_a_checked_key():
+    with pytest.raises(ConfigError, match="optim.weight_decay_filter"):
+        load_config(None, ["optim.weight_decay_filter=bn"])
+    assert OptimConfig().weight_decay_filter == "ndim"
+
+
+# ----------------------------------------------------------------------------- BN groups
+@pytest.mark.parametrize("shape", [(16, 3, 5, 5), (8, 6)])
+def test_grouped_bn_matches_per_group_batchnorm(shape):
+    """Group j holds samples j, j+G', j+2G', ... (G' = N / group_size groups); each is normalised
+    with its own statistics; running statistics move by the mean over groups."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(shape[1]) if len(shape) == 4 else nn.BatchNorm1d(shape[1])
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    ref_bns = []
+    x = torch.randn(*shape) * 3 + 1
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    groups = shape[0] // 4
+    want = torch.empty_like(x)
+    for j in range(groups):
+        ref = type(bn)(shape[1])
+        ref.load_state_dict(bn.state_dict())
+        idx = torch.arange(j, shape[0], groups)
+        want[idx] = ref(x[idx])
+        ref_bns.append(ref)
+    net = nn.Sequential(bn)
+    assert group_batchnorm(net, 4) == 1 and isinstance(bn, GroupedBatchNorm)
+    got = net(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if x.dim() == 4:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(bn.running_mean, torch.stack([r.running_mean for r in ref_bns]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([r.running_var for r in ref_bns]).mean(0))
+    bn.eval()
+    torch.testing.assert_close(net(x), nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight,
+                                                                bn.bias, False, 0.1, bn.eps))
+
+
+def test_bn_groups_in_a_run(tmp_path):
+    """bn_group_size: every BN of student and teacher grouped (the flat BN buffers keep working),
+    the teacher shuffles its batch on one rank (auto policy), and a short run trains."""
+    over = ["data.source=synthetic", "data.num_samples=32", "data.weak={size: 32}", "data.strong=[{size: 32}]",
+            "model.backbone=test_resnet", "model.proj_hidden_dim=32", "model.proj_dim=16",
+            "model.proj_bn=true", "model.bn_group_size=4", "method.queue_size=64", "method.compile_loss=false",
+            "train.batch_size=8", "train.epochs=1", f"run.dir={tmp_path}"]
+    cfg = load_config(None, over)
+    student, teacher = build_student_teacher(cfg.model, torch.device("cpu"))
+    bns = [m for net in (student, teacher) for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(isinstance(m, GroupedBatchNorm) and m.group_size == 4 for m in bns)
+    assert T.teacher_bn_policy(cfg, Env(device=torch.device("cpu"))) == "shuffle"
+    summary = T.train(cfg, live=False)
+    assert summary["status"] == "completed" and summary["skipped_steps"] == 0
+    assert summary["final_loss"] == summary["final_loss"]  # finite
+    with pytest.raises(ConfigError, match="model.bn_group_size"):
+        load_config(None, over + ["model.bn_group_size=3"])
