@@ -71,6 +71,8 @@ class ProgressDisplay:
             return
         stats = (f"loss {record['loss']:.4f}  lr {record['lr']:.4g}  "
                  f"{record['img_per_s']:.1f} img/s")
+        if "target_entropy_frac" in record:  # collapse indicators: 1.0 / 1.0 = fully collapsed
+            stats += f"  H/logK {record['target_entropy_frac']:.3f}  cos {record['queue_mean_cos']:.3f}"
         if self.progress is not None:
             self.progress.update(self.task, completed=record["step"], epoch=record["epoch"], stats=stats)
         else:

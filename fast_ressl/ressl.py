@@ -5,6 +5,8 @@ Names: q = L2-normalised student embeddings (strong views), k = L2-normalised te
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -51,6 +53,26 @@ def warmup_mixed_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau
     changing ramp does not recompile). w = 1 is the plain relation loss."""
     w = relation_weight.to(_upcast(q).dtype)
     return (1 - w) * infonce_loss(q, k, queue, tau_nce) + w * ressl_loss(q, k, queue, tau_s, tau_t)
+
+
+@torch.no_grad()
+def collapse_indicators(k: torch.Tensor, queue: torch.Tensor, tau_t: float) -> torch.Tensor:
+    """Two cheap signs that the relation has collapsed, as a (2,) float32 device tensor:
+
+    [0] mean entropy of the teacher's targets softmax(k @ queue.T / tau_t) over log K: 1 = uniform
+        targets (the relation carries no information; the loss then sits near log K);
+    [1] mean cosine between distinct queue keys: 1 = every key the same direction. Exact and O(K D):
+        for unit rows, sum_{i != j} <v_i, v_j> = |sum_i v_i|^2 - K.
+    k: (N, D) L2-normalised teacher keys (this step's, before their push); queue: (K, D) unit rows.
+    Costs one N x K matmul; the loop calls it at log steps only.
+    """
+    queue = _upcast(queue)
+    size = queue.shape[0]
+    log_p = F.log_softmax(_upcast(k) @ queue.T / tau_t, dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(dim=-1).mean() / math.log(size)
+    total = queue.sum(dim=0)
+    mean_cos = ((total * total).sum() - size) / (size * (size - 1))
+    return torch.stack([entropy, mean_cos])
 
 
 class Queue:

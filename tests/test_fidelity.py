@@ -104,3 +104,41 @@ def test_bn_groups_in_a_run(tmp_path):
     assert summary["final_loss"] == summary["final_loss"]  # finite
     with pytest.raises(ConfigError, match="model.bn_group_size"):
         load_config(None, over + ["model.bn_group_size=3"])
+
+
+# ----------------------------------------------------------------------------- collapse indicators
+def test_collapse_indicators_match_a_float64_derivation():
+    from fast_ressl.ressl import collapse_indicators
+
+    gen = torch.Generator().manual_seed(0)
+    k = nn.functional.normalize(torch.randn(6, 5, generator=gen), dim=1)
+    queue = nn.functional.normalize(torch.randn(20, 5, generator=gen) + 0.5, dim=1)
+    got = collapse_indicators(k, queue, 0.04)
+    k64, q64 = k.double(), queue.double()
+    p = torch.softmax(k64 @ q64.T / 0.04, dim=1)
+    entropy = float(-(p * p.log()).sum(1).mean() / torch.log(torch.tensor(20.0, dtype=torch.float64)))
+    cos = q64 @ q64.T
+    mean_cos = float((cos.sum() - cos.diag().sum()) / (20 * 19))
+    assert got.tolist() == pytest.approx([entropy, mean_cos], rel=1e-5, abs=1e-6)
+    same = queue[:1].repeat(20, 1)  # a fully collapsed queue
+    assert collapse_indicators(k, same, 0.04).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+
+
+def test_a_collapsed_relation_is_logged_and_warned(tmp_path, capsys):
+    """tau_t = 1000 makes every teacher target uniform: the metrics say so at every log step, and
+    the run warns once the queue holds only its own keys (step 8 = 64 / 8), not before."""
+    over = ["data.source=synthetic", "data.num_samples=32", "data.weak={size: 32}", "data.strong=[{size: 32}]",
+            "model.backbone=test_resnet", "model.proj_hidden_dim=32", "model.proj_dim=16",
+            "method.queue_size=64", "method.compile_loss=false", "method.tau_t=1000", "train.batch_size=8",
+            "train.epochs=3", "train.log_every=2", f"run.dir={tmp_path}"]
+    T.train(load_config(None, over), live=False)
+    out = capsys.readouterr().out
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
+    assert all(r["target_entropy_frac"] > 0.99 for r in rows)
+    assert all(-1.0 <= r["queue_mean_cos"] <= 1.0 for r in rows)
+    assert out.count("warning: the relation looks collapsed") == 1
+    assert "looks collapsed at step 8:" in out
+    assert "H/logK" in out
