@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import sys
 
-from fast_ressl.bench import result_cells
+from fast_ressl.bench import RESULT_COLUMNS, RESULT_JUSTIFY, result_cells
 
 
 def render(report: dict) -> str:
-    rows = ["| mode | variant | images/s (median) | min-max | spread | vs reference | details |",
-            "|---|---|---:|---:|---:|---:|---|"]
+    rows = ["| " + " | ".join(RESULT_COLUMNS) + " |",
+            "|" + "|".join("---:" if j == "right" else "---" for j in RESULT_JUSTIFY) + "|"]
     ratios = report.get("ratios", {})
     for mode in report["settings"]["modes"]:
         for run in report["runs"]:

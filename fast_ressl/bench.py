@@ -16,14 +16,39 @@ Variants
   no_<x>      ablations (--ablate): the fast config with one switch off: channels_last, compile,
               fused (optimizer), amp (fp32 compute).
 
-Honest timing: `step` and `e2e` run the training loop of `fast_ressl/train.py` itself (`run_loop`, with
-the models, optimizer and loss built by the same helpers); warm-up steps (compilation, cudnn
-autotuning, allocator growth, loader start-up) run first and are excluded; each repeat is one
-`run_loop` call of --iters steps, timed with CUDA events on a GPU (perf_counter on CPU; the loop's
-closing host sync ends the region either way). Median, min, max and spread of the repeats are
-reported with every sample. Checkpoint writes are switched off inside the benchmark (they are I/O,
-not step time). Peak memory: CUDA max_memory_allocated over the timed repeats; on CPU the process's
-max RSS so far (a high-water mark: it never goes down within one process).
+Honest timing: `step` and `e2e` run the training loop of `fast_ressl/train.py` itself: one
+`train.Loop` per (variant, mode), built with the models, optimizer and loss of the same helpers and
+set up outside the timer (buffer clones, torch.compile and DDP wrapping happen in Loop.__init__).
+Warm-up steps (compilation, cudnn autotuning, allocator growth, loader start-up incl. its first
+pipeline build) run first and are excluded; each repeat is one `loop.run(step + --iters)`, timed
+with CUDA events on a GPU (perf_counter on CPU). The window's last step logs as training does at
+its log interval: one host sync and one metrics.jsonl line per window, nothing else written
+(checkpoints, TensorBoard and the kNN monitor are off). Median, min, max and spread of the repeats
+are reported with every sample.
+
+Epoch boundaries: a small benchmark set crosses epochs far more often than ImageNet does; the
+report counts the boundaries inside the timed windows (`epoch_boundaries_timed`). The DALI loader
+builds the next epoch's pipeline ahead on a side thread, as in training; `pipeline_builds_timed`
+lists the builds started inside the timed windows and `ahead_wait_s` how long a batch waited for
+one; a synchronous build there (`sync_builds_timed` > 0) would be a cost training does not pay.
+
+Backend flags: every (variant, mode) runs with the flags saved before it and restored after it, so
+variant order cannot change results. The fast path runs with the run's flags (`train.configure_backends`:
+cuDNN TF32 and benchmark on CUDA, cuBLAS TF32 off); the reference with torch's defaults
+(TORCH_DEFAULT_BACKENDS). The flags in force during the timed windows are in the report.
+
+Memory: on a GPU, torch's max_memory_allocated over the timed repeats (`peak_memory_mb`) and,
+separately, the device memory the measurement added outside torch's allocator (`outside_torch_mb`:
+DALI's device pool and nvJPEG state, which DALI 2.4 offers no call to query, plus kernel images that
+CUDA loads on first use; DALI's unused pool is released before each measurement so that each starts
+from an empty pool) and the process's RSS growth (`host_rss_growth_mb`, DALI's pinned host pool is
+part of it). On CPU the process's max RSS so far (a high-water mark: it never goes down within one
+process).
+
+Ops per step (step and e2e, measured after the timed repeats, never inside them):
+`opcount.step_op_counts` profiles ordinary steps of the same Loop: the top-level aten ops a step
+issues, those of the networks alone, and the difference (`bookkeeping_ops`, by op in
+`bookkeeping_by_op`). On a GPU each op is at least one kernel launch the host must issue.
 
 FLOPs: torch's FlopCounterMode on one backbone forward per view size (projector excluded);
 per source image = 3 x F(strong view) per strong view (student forward + backward) + F(weak view)
@@ -32,6 +57,7 @@ per source image = 3 x F(strong view) per strong view (student forward + backwar
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import platform
@@ -41,6 +67,7 @@ import sys
 import tempfile
 import time
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
@@ -60,8 +87,14 @@ ABLATIONS = {
     "fused": ["optim.fused=false"],
     "amp": ["train.precision=fp32"],
 }
-# Keys the benchmark sets itself: one host sync per timed repeat, no checkpoints in the way.
-_BENCH_OVERRIDES = ["train.log_every=1000000000", "train.ckpt_every=1000000000"]
+# Keys the benchmark sets itself: one host sync per timed repeat (its last step logs), no checkpoints
+# and no kNN monitor at epoch boundaries in the way.
+_BENCH_OVERRIDES = ["train.log_every=1000000000", "train.ckpt_every=1000000000", "eval.knn_every_epochs=0",
+                    "eval.knn_compare_random=false"]
+# torch's own defaults for the flags train.configure_backends sets: the reference runs with these.
+TORCH_DEFAULT_BACKENDS = {"cudnn.benchmark": False, "cudnn.allow_tf32": True, "cuda.matmul.allow_tf32": False}
+# Steps opcount.step_op_counts advances the loop by (+1 batch it reads for the networks-alone passes).
+_OPCOUNT_STEPS = 3
 
 
 @dataclass
@@ -69,6 +102,7 @@ class Variant:
     name: str
     overrides: List[str]
     ema: str = "foreach"  # foreach (model.ema_update_) | python-loop (reference_ema_)
+    backends: str = "run"  # run (train.configure_backends) | torch-defaults (TORCH_DEFAULT_BACKENDS)
 
 
 @dataclass
@@ -104,7 +138,8 @@ def variants_for(settings: BenchSettings) -> List[Variant]:
         if name == "fast":
             out.append(Variant("fast", []))
         elif name == "reference":
-            out.append(Variant("reference", list(REFERENCE_OVERRIDES), ema="python-loop"))
+            out.append(Variant("reference", list(REFERENCE_OVERRIDES), ema="python-loop",
+                               backends="torch-defaults"))
         else:
             raise ValueError(f"unknown preset {name!r} (fast | reference)")
     for name in settings.ablate:
@@ -170,14 +205,154 @@ class _TimedLoader:
         pass
 
 
+def backend_flags() -> Dict[str, Any]:
+    """The torch backend flags that change numerics or kernel choice (train.configure_backends
+    sets the first three on CUDA; train.deterministic sets the deterministic-algorithms mode).
+    torch.set_float32_matmul_precision is the same cuBLAS switch as cuda.matmul.allow_tf32."""
+    import torch
+
+    return {"cudnn.benchmark": bool(torch.backends.cudnn.benchmark),
+            "cudnn.allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+            "cuda.matmul.allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled()}
+
+
+def set_backend_flags(flags: Dict[str, Any]) -> None:
+    """Set the flags named in `flags` (keys of backend_flags()). The legacy allow_tf32 flags only,
+    as train.configure_backends uses them: torch refuses to read its float32 matmul precision once
+    both its legacy and its new per-backend API have set precisions."""
+    import torch
+
+    if "cudnn.benchmark" in flags:
+        torch.backends.cudnn.benchmark = flags["cudnn.benchmark"]
+    if "cudnn.allow_tf32" in flags:
+        torch.backends.cudnn.allow_tf32 = flags["cudnn.allow_tf32"]
+    if "cuda.matmul.allow_tf32" in flags:
+        torch.backends.cuda.matmul.allow_tf32 = flags["cuda.matmul.allow_tf32"]
+    if "deterministic_algorithms" in flags:
+        torch.use_deterministic_algorithms(flags["deterministic_algorithms"],
+                                           warn_only=flags.get("deterministic_warn_only", False))
+
+
+@contextmanager
+def backend_flags_restored() -> Iterator[None]:
+    """Whatever a measurement sets (build_env -> configure_backends, the reference's defaults),
+    the next one starts from the flags in force before it."""
+    saved = backend_flags()
+    try:
+        yield
+    finally:
+        set_backend_flags(saved)
+
+
+def _apply_variant_backends(variant: Variant) -> None:
+    """After build_env: the reference drops the run's flags for torch's defaults."""
+    if variant.backends == "torch-defaults":
+        set_backend_flags(TORCH_DEFAULT_BACKENDS)
+    elif variant.backends != "run":
+        raise ValueError(f"unknown backends {variant.backends!r} (run | torch-defaults)")
+
+
+def _rss_mb() -> Optional[float]:
+    """The process's current resident set (VmRSS), MB; None where /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _release_dali_pools() -> None:
+    """Free DALI's unused pooled memory (its pools outlive pipelines) so that the next measurement's
+    `outside_torch_mb` starts from an empty pool. No-op without DALI."""
+    try:
+        from pipelines_dali.loader import release_unused_memory
+    except ImportError:
+        return
+    release_unused_memory()
+
+
+class _MemoryProbe:
+    """On CUDA: device memory in use outside torch's caching allocator (mem_get_info's used bytes
+    minus torch's reserved bytes; device-wide, so meant for a machine the benchmark has to itself)
+    and the process RSS, relative to when the probe was made; `sample()` keeps the maxima. Nothing
+    on CPU, where the max-RSS high-water mark is reported instead."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.outside_mb = self.rss_growth_mb = 0.0
+        if self.cuda:
+            gc.collect()  # the previous measurement's loader and pipelines, before DALI frees its pool
+            _release_dali_pools()
+            self.outside0, self.rss0 = self._outside_torch_mb(), _rss_mb()
+
+    def _outside_torch_mb(self) -> float:
+        import torch
+
+        free, total = torch.cuda.mem_get_info(self.device)
+        return (total - free - torch.cuda.memory_reserved(self.device)) / 2**20
+
+    def sample(self) -> None:
+        if not self.cuda:
+            return
+        self.outside_mb = max(self.outside_mb, self._outside_torch_mb() - self.outside0)
+        rss = _rss_mb()
+        if rss is not None and self.rss0 is not None:
+            self.rss_growth_mb = max(self.rss_growth_mb, rss - self.rss0)
+
+    def report(self) -> Dict[str, Any]:
+        if not self.cuda:
+            return {}
+        return {"outside_torch_mb": round(self.outside_mb, 1), "host_rss_growth_mb": round(self.rss_growth_mb, 1),
+                "outside_torch_kind": "device memory added outside torch's allocator: DALI pools, nvJPEG, "
+                                      "lazily loaded kernels (mem_get_info - memory_reserved)"}
+
+
 def _peak_memory_mb(device: torch.device) -> Dict[str, Any]:
     import torch
 
     if device.type == "cuda":
         return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
                 "peak_memory_kind": "cuda max_memory_allocated (timed repeats)"}
     return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_memory_kind": "process max RSS so far (high-water mark)"}
+
+
+def epoch_boundaries(start: int, end: int, steps_per_epoch: int) -> int:
+    """How many of the batches start+1 .. end (1-based, as steps count them) open a new epoch
+    (batch j with (j - 1) % steps_per_epoch == 0, j > 1)."""
+    return sum(1 for j in range(start + 1, end + 1) if j > 1 and (j - 1) % steps_per_epoch == 0)
+
+
+def _loader_builds(loader: Any) -> Optional[List[Any]]:
+    """The loader's pipeline build log (DALI: [("sync" | "ahead", epoch), ...]); None for others."""
+    builds = getattr(loader, "builds", None)
+    return list(builds) if builds is not None else None
+
+
+def _boundary_report(loader: Any, start: int, end: int, builds_before: Optional[List[Any]],
+                     wait_before: float) -> Dict[str, Any]:
+    """What the timed batches start+1 .. end crossed: epoch boundaries and pipeline builds."""
+    spe = loader.steps_per_epoch
+    out: Dict[str, Any] = {"steps_per_epoch": spe, "epoch_boundaries_timed": epoch_boundaries(start, end, spe)}
+    if builds_before is not None:
+        timed = [list(b) for b in _loader_builds(loader)[len(builds_before):]]
+        out["pipeline_builds_timed"] = timed
+        out["sync_builds_timed"] = sum(1 for kind, _ in timed if kind == "sync")
+        out["ahead_wait_s"] = round(getattr(loader, "ahead_wait_s", 0.0) - wait_before, 6)
+    return out
+
+
+def _close_loader(loader: Any) -> None:
+    close = getattr(loader, "close", None)
+    if close is not None:
+        close()
 
 
 def backbone_flops(backbone: torch.nn.Module, size: int) -> int:
@@ -205,13 +380,16 @@ def _sync(device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- modes
-def bench_loader(cfg: Config, s: BenchSettings) -> Dict[str, Any]:
+def bench_loader(cfg: Config, s: BenchSettings, variant: Optional[Variant] = None) -> Dict[str, Any]:
     """Source images/s of the configured loader, both views moved to the target device."""
     from .data import build_loader
     from .train import build_env
 
     env = build_env(cfg)
+    if variant is not None:
+        _apply_variant_backends(variant)
     dev = env.device
+    mem = _MemoryProbe(dev)
     loader = build_loader(cfg, 0, 1, dev)
     it = iter(loader)
     batch_size = cfg.train.batch_size
@@ -220,35 +398,58 @@ def bench_loader(cfg: Config, s: BenchSettings) -> Dict[str, Any]:
         b = next(it)
         return [x.to(dev, non_blocking=True) for x in (b.x_weak, *b.x_strong)]
 
-    for _ in range(s.warmup):
-        fetch()
-    _sync(dev)
-    rates = []
-    for _ in range(s.repeats):
-        with _Timer(dev) as t:
-            for _ in range(s.iters):
-                out = fetch()
-        rates.append(s.iters * batch_size / t.seconds)
-        del out
+    warmup = max(1, s.warmup)  # at least the first batch: the loader's start-up (first pipeline build)
+    try:
+        for _ in range(warmup):
+            fetch()
+        _sync(dev)
+        mem.sample()
+        builds, wait0 = _loader_builds(loader), getattr(loader, "ahead_wait_s", 0.0)
+        rates = []
+        for _ in range(s.repeats):
+            with _Timer(dev) as t:
+                for _ in range(s.iters):
+                    out = fetch()
+            rates.append(s.iters * batch_size / t.seconds)
+            del out
+        mem.sample()
+        boundaries = _boundary_report(loader, warmup, warmup + s.iters * s.repeats, builds, wait0)
+    finally:
+        _close_loader(loader)
     del it, loader
     return {"unit": "source images/s", **summarize(rates), "batch_size": batch_size,
-            "loader": cfg.data.loader, "device": str(dev)}
+            "loader": cfg.data.loader, "device": str(dev), **boundaries, **mem.report()}
+
+
+def build_models(cfg: Config, env: Any) -> tuple:
+    """(student, teacher, teacher-BN policy) as train._train makes them: the teacher is converted to
+    SyncBatchNorm when the policy is 'sync' (CUDA only, train.teacher_bn_policy checks)."""
+    from . import train as T
+    from .model import build_student_teacher, convert_sync_bn
+
+    student, teacher = build_student_teacher(cfg.model, env.device, cfg.train.channels_last)
+    policy = T.teacher_bn_policy(cfg, env)
+    if policy == "sync":
+        teacher = convert_sync_bn(teacher)
+    return student, teacher, policy
 
 
 def bench_train(cfg: Config, s: BenchSettings, variant: Variant, mode: str) -> Dict[str, Any]:
-    """`step` (synthetic source) or `e2e` (configured loader): the real `run_loop` of train.py."""
+    """`step` (synthetic source) or `e2e` (configured loader): train.py's own Loop, set up once
+    outside the timer, then `loop.run` over --iters steps per timed repeat."""
     import torch
     from . import train as T
     from .data import SyntheticSource, build_loader
-    from .model import build_student_teacher
+    from .opcount import step_op_counts
     from .optim import build_optimizer
     from .ressl import Queue
 
     env = T.build_env(cfg)
+    _apply_variant_backends(variant)
     dev = env.device
-    student, teacher = build_student_teacher(cfg.model, dev, cfg.train.channels_last)
+    mem = _MemoryProbe(dev)
+    student, teacher, bn_policy = build_models(cfg, env)
     fpi = flops_per_image(cfg, student.backbone)
-    bn_policy = T.teacher_bn_policy(cfg, env)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     queue = Queue(cfg.method.queue_size, cfg.model.proj_dim, dev, generator=gen)
     loader = build_loader(cfg, env.rank, env.world_size, dev)
@@ -263,36 +464,47 @@ def bench_train(cfg: Config, s: BenchSettings, variant: Variant, mode: str) -> D
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.train.precision == "fp16")
     state = T.State(student, teacher, queue, optimizer, scaler, timed)
     steps_per_epoch = loader.steps_per_epoch
-    total_steps = max(cfg.train.epochs * steps_per_epoch, s.warmup + s.iters * s.repeats + 1)
+    warmup = max(1, s.warmup)  # compile, autotune, loader start-up: at least one step
+    total_steps = max(cfg.train.epochs * steps_per_epoch, warmup + s.iters * s.repeats + _OPCOUNT_STEPS + 2)
     batch_size = cfg.train.batch_size
     ema_fn = reference_ema_ if variant.ema == "python-loop" else None
     with tempfile.TemporaryDirectory(prefix="fast-ressl-bench-") as tmp:
         meter = T._Meter(cfg, env, Path(tmp), total_steps, steps_per_epoch, 0, live=False)
         meter.display.enabled = False  # the benchmark prints its own table, not per-step log lines
-        loss_fn = T.build_loss_fn(cfg)
-
-        def loop(n: int) -> None:  # train.py's own loop, n steps, no checkpoint I/O
-            T.run_loop(cfg, env, state, loss_fn, bn_policy, steps_per_epoch, total_steps, state.step + n,
-                       base_lr, None, meter, types.SimpleNamespace(signum=0),
-                       **({"ema_fn": ema_fn} if ema_fn else {}))
-
+        if meter.tb is not None:  # TensorBoard event files: I/O, not step time
+            meter.tb.close()
+            meter.tb = None
         try:
-            loop(max(1, s.warmup))  # compile, autotune, loader start-up: not timed
+            loss_fn = T.build_loss_fn(cfg, env.rank, cfg.train.batch_size // env.world_size)
+            loop = T.Loop(cfg, env, state, loss_fn, bn_policy, steps_per_epoch, total_steps, base_lr, None,
+                          meter, types.SimpleNamespace(signum=0), **({"ema_fn": ema_fn} if ema_fn else {}))
+            loop.run(warmup)
             _sync(dev)
+            mem.sample()
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
+            flags = backend_flags()
+            builds, wait0 = _loader_builds(loader), getattr(loader, "ahead_wait_s", 0.0)
             rates, waits = [], []
             for _ in range(s.repeats):
                 timed.wait_s = 0.0
                 with _Timer(dev) as t:
-                    loop(s.iters)
+                    loop.run(state.step + s.iters)
                 rates.append(s.iters * batch_size / t.seconds)
                 waits.append(min(1.0, timed.wait_s / t.seconds))
+            mem.sample()
+            peak = _peak_memory_mb(dev)
+            boundaries = _boundary_report(loader, warmup, state.step, builds, wait0)
+            ops = step_op_counts(loop)  # after the timed repeats: the profiler never runs in them
         finally:
             meter.close()
+            _close_loader(loader)
+    teacher_sync_bn = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in teacher.modules())
     res = {"unit": "source images/s", **summarize(rates), "batch_size": batch_size,
            "flops_per_image": fpi, "tflops": statistics.median(rates) * fpi / 1e12,
-           **_peak_memory_mb(dev), "optimizer": optim_desc, "ema": variant.ema, "device": str(dev)}
+           **peak, **mem.report(), **ops, "optimizer": optim_desc, "ema": variant.ema,
+           "teacher_bn": bn_policy, "teacher_sync_bn_layers": teacher_sync_bn, "backend_flags": flags,
+           "device": str(dev), **boundaries}
     if mode == "e2e":
         res["loader"] = cfg.data.loader
         res["data_wait_fraction"] = summarize(waits)
@@ -374,7 +586,7 @@ def run_bench(config: Optional[str], overrides: List[str], s: BenchSettings,
     }
     for v in variants:
         run: Dict[str, Any] = {"variant": v.name, "overrides": v.overrides, "ema": v.ema,
-                               "config": None, "results": {}}
+                               "backends": v.backends, "config": None, "results": {}}
         for mode in s.modes:
             cfg = _cfg_for(config, overrides, v, mode, s)
             if mode != "step" and cfg.data.source == "synthetic":
@@ -384,7 +596,8 @@ def run_bench(config: Optional[str], overrides: List[str], s: BenchSettings,
             if run["config"] is None or mode != "step":
                 run["config"] = to_dict(cfg)  # the resolved config (of the loader modes if any)
             _say(console, f"[bold]{v.name}[/] {mode} ...")
-            res = bench_loader(cfg, s) if mode == "loader" else bench_train(cfg, s, v, mode)
+            with backend_flags_restored():  # variant order cannot change another variant's flags
+                res = bench_loader(cfg, s, v) if mode == "loader" else bench_train(cfg, s, v, mode)
             run["results"][mode] = res
             _say(console, f"  {v.name} {mode}: {res['median']:.1f} {res['unit']} "
                           f"(spread {res['spread_pct']:.0f}%)")
@@ -427,9 +640,7 @@ def render_table(report: Dict[str, Any], console) -> None:
     title = (f"fast-ressl bench: {m.get('cpu_model', m['processor'])}, {m['cpu_count']} cores, {gpu}; "
              f"torch {vers['torch']}, DALI {vers.get('dali')}")
     table = Table(title=title, title_justify="left")
-    for col, just in (("mode", "left"), ("variant", "left"), ("images/s (median)", "right"),
-                      ("min-max", "right"), ("spread", "right"), ("vs reference", "right"),
-                      ("details", "left")):
+    for col, just in zip(RESULT_COLUMNS, RESULT_JUSTIFY):
         table.add_column(col, justify=just)
     ratios = report["ratios"]
     for mode in report["settings"]["modes"]:
@@ -441,12 +652,24 @@ def render_table(report: Dict[str, Any], console) -> None:
     console.print(table)
 
 
+RESULT_COLUMNS = ("mode", "variant", "images/s (median)", "min-max", "spread", "vs reference",
+                  "ops/step (bookkeeping)", "details")
+RESULT_JUSTIFY = ("left", "left", "right", "right", "right", "right", "right", "left")
+
+
+def ops_cell(res: Dict[str, Any]) -> str:
+    """'922 (42, 4.6%)': top-level aten ops per step (bookkeeping ops around the networks, share)."""
+    if "ops_per_step" not in res:
+        return "-"
+    return f"{res['ops_per_step']} ({res['bookkeeping_ops']}, {100 * res['bookkeeping_share']:.1f}%)"
+
 
 def result_cells(mode: str, variant: str, res: Dict[str, Any], ratios: Dict[str, Any]) -> List[str]:
-    """One result's row: mode, variant, median, min-max, spread, ratio to the reference, details.
-    The console table and benchmarks/render_results.py (RESULTS.md) both use it."""
+    """One result's row (RESULT_COLUMNS): mode, variant, median, min-max, spread, ratio to the
+    reference, ops per step, details. The console table and benchmarks/render_results.py
+    (RESULTS.md) both use it."""
     if "skipped" in res:
-        return [mode, variant, "-", "-", "-", "-", res["skipped"]]
+        return [mode, variant, "-", "-", "-", "-", "-", res["skipped"]]
     ratio = ratios.get(variant, {}).get(mode)
     details = []
     if "tflops" in res:
@@ -456,11 +679,18 @@ def result_cells(mode: str, variant: str, res: Dict[str, Any], ratios: Dict[str,
     if "peak_memory_mb" in res:
         details.append(f"max RSS {res['peak_memory_mb']:.0f} MB" if "RSS" in res.get("peak_memory_kind", "")
                        else f"peak {res['peak_memory_mb']:.0f} MB")
+    if "outside_torch_mb" in res:
+        details.append(f"+{res['outside_torch_mb']:.0f} MB outside torch")
+    if res.get("epoch_boundaries_timed"):
+        builds = f", {res['sync_builds_timed']} sync builds" if res.get("sync_builds_timed") else ""
+        details.append(f"{res['epoch_boundaries_timed']} epoch boundaries timed{builds}")
     if "loader" in res:
         details.append(f"loader {res['loader']}")
     return [mode, variant, f"{res['median']:.1f}", f"{res['min']:.1f}-{res['max']:.1f}",
             f"{res['spread_pct']:.0f}%",
-            "1.00x" if variant == "reference" else (f"{ratio:.2f}x" if ratio else "-"), ", ".join(details)]
+            "1.00x" if variant == "reference" else (f"{ratio:.2f}x" if ratio else "-"), ops_cell(res),
+            ", ".join(details)]
+
 
 # ----------------------------------------------------------------------------- CLI
 def _split_list(text: str) -> List[str]:

@@ -218,6 +218,11 @@ class DaliTrainLoader(EndlessLoader):
                 pass
             self._ahead = None
 
+    def close(self) -> None:
+        """Join a build in flight and drop the pipelines (the benchmark does, between measurements);
+        a later next() rebuilds from the current position, as after a restore."""
+        self.load_state_dict(self.state_dict())
+
     def _close(self) -> None:
         self._iter = None
         if self._pipe is not None:
@@ -277,6 +282,14 @@ class DaliTrainLoader(EndlessLoader):
         self._restore = str(state.get("pipeline") or "") or None  # base64 of DALI's checkpoint
         if self.step_in_epoch > 0 and self._restore is None:
             raise ValueError("loader state has batches handed out but no DALI pipeline checkpoint")
+
+
+def release_unused_memory() -> None:
+    """Return DALI's unused pooled device and pinned host memory (DALI keeps its pools for the
+    process after its pipelines are gone; safe while pipelines run, per DALI's documentation)."""
+    from nvidia.dali.backend import ReleaseUnusedMemory
+
+    ReleaseUnusedMemory()
 
 
 class DaliEvalLoader:

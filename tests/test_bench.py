@@ -1,8 +1,10 @@
 """`fast-ressl bench` (loader / step / e2e, fast vs reference) and `make-bench-data` on a tiny CPU config."""
+import io
 import json
 
 import numpy as np
 import pytest
+from rich.console import Console
 
 from fast_ressl import bench
 from fast_ressl.benchdata import make_bench_data
@@ -29,6 +31,14 @@ def _check_result(res, mode):
     assert res["spread_pct"] >= 0
     if mode in ("step", "e2e"):
         assert res["flops_per_image"] > 0 and res["tflops"] > 0 and res["peak_memory_mb"] > 0
+        # ops per step, measured after the timed windows
+        assert res["ops_per_step"] == res["network_ops"] + res["bookkeeping_ops"] > res["network_ops"] > 0
+        assert res["bookkeeping_share"] == round(res["bookkeeping_ops"] / res["ops_per_step"], 4)
+        assert sum(res["bookkeeping_by_op"].values()) == res["bookkeeping_ops"]
+        assert all(name.startswith("aten::") for name in res["bookkeeping_by_op"])
+    # what the timed batches crossed: FAST times warmup + 1 .. warmup + iters * repeats
+    assert res["epoch_boundaries_timed"] == bench.epoch_boundaries(
+        FAST["warmup"], FAST["warmup"] + FAST["iters"] * FAST["repeats"], res["steps_per_epoch"])
     if mode == "e2e":
         assert 0.0 <= res["data_wait_fraction"]["median"] <= 1.0
 
@@ -84,6 +94,16 @@ def test_step_fast_vs_reference_json(tmp_path):
     assert [r["ema"] for r in saved["runs"]] == ["foreach", "python-loop"]
     assert fast["train"]["precision"] == "bf16" and fast["train"]["channels_last"] is True
     assert fast["data"]["source"] == "synthetic"  # step mode: synthetic tensors
+    # ops per step: in the JSON (checked by _check_result) and in the table
+    res = saved["runs"][0]["results"]["step"]
+    assert res["bookkeeping_ops"] <= 100, res["bookkeeping_by_op"]  # opcount.py; the issue's bound
+    out = io.StringIO()
+    bench.render_table(report, Console(file=out, width=300))
+    text = out.getvalue()
+    assert "ops/step (bookkeeping)" in text
+    for run in saved["runs"]:
+        r = run["results"]["step"]
+        assert f"{r['ops_per_step']} ({r['bookkeeping_ops']}, {100 * r['bookkeeping_share']:.1f}%)" in text
 
 
 def test_loader_and_e2e_with_ablation(tmp_path, bench_data):
@@ -99,6 +119,13 @@ def test_loader_and_e2e_with_ablation(tmp_path, bench_data):
     assert by["no_amp"]["config"]["train"]["precision"] == "fp32"
     assert by["fast"]["config"]["data"]["root"] == str(root)
     assert set(report["ratios"]) == {"fast", "no_amp"}
+    # 24 images, batch 8: 3 batches per epoch, so the timed batches 2-3 cross no boundary; the
+    # DALI loader starts epoch 1's pipeline ahead during them, never a build on the training thread
+    for name in ("fast", "no_amp"):
+        for mode in ("loader", "e2e"):
+            res = by[name]["results"][mode]
+            assert res["steps_per_epoch"] == 3 and res["sync_builds_timed"] == 0, res
+            assert all(kind == "ahead" for kind, _ in res["pipeline_builds_timed"])
 
 
 def test_reference_ema_matches_foreach():
@@ -133,3 +160,88 @@ def test_synthetic_source_skips_loader_modes(tmp_path):
     s = bench.BenchSettings(modes=["loader"], variants=["fast"], out=None, **FAST)
     report = bench.run_bench(None, TINY + ["data.source=synthetic"], s)
     assert "skipped" in report["runs"][0]["results"]["loader"]
+
+
+def test_epoch_boundaries_counts_first_batches_of_epochs():
+    # 3 batches per epoch: batches 4 and 7 open epochs 1 and 2; batch 1 is the start, not a boundary
+    assert bench.epoch_boundaries(0, 3, 3) == 0
+    assert bench.epoch_boundaries(0, 4, 3) == 1
+    assert bench.epoch_boundaries(3, 7, 3) == 2
+    assert bench.epoch_boundaries(4, 6, 3) == 0
+
+
+def test_timed_windows_hold_no_loop_set_up(monkeypatch, tmp_path):
+    """One train.Loop per (variant, mode), built before the first timed window; inside the windows
+    only Loop.run, each over --iters steps."""
+    from fast_ressl import train as T
+
+    timing = {"on": False}
+    events = []
+    real_enter, real_exit = bench._Timer.__enter__, bench._Timer.__exit__
+
+    def enter(self):
+        timing["on"] = True
+        return real_enter(self)
+
+    def exit_(self, *exc):
+        real_exit(self, *exc)
+        timing["on"] = False
+
+    class CountingLoop(T.Loop):
+        def __init__(self, *a, **k):
+            events.append(("init", timing["on"]))
+            super().__init__(*a, **k)
+
+        def run(self, end_step):
+            before = self.s.step
+            super().run(end_step)
+            if timing["on"]:
+                events.append(("timed run", self.s.step - before))
+
+    monkeypatch.setattr(bench._Timer, "__enter__", enter)
+    monkeypatch.setattr(bench._Timer, "__exit__", exit_)
+    monkeypatch.setattr(T, "Loop", CountingLoop)
+    s = bench.BenchSettings(modes=["step"], variants=["fast"], out=None, warmup=1, iters=2, repeats=3)
+    bench.run_bench(None, TINY, s)
+    assert events == [("init", False)] + [("timed run", 2)] * 3
+
+
+def test_backend_flags_restored_and_reference_on_torch_defaults(monkeypatch, tmp_path):
+    """configure_backends as on CUDA (cuDNN benchmark + TF32, cuBLAS TF32 off) for the fast path; the
+    reference runs with torch's defaults whatever ran before it, and the process gets its flags back."""
+    from fast_ressl import train as T
+
+    real = T.configure_backends
+    monkeypatch.setattr(T, "configure_backends", lambda device_type, det: real("cuda", det))
+    start = bench.backend_flags()
+    try:
+        odd = {"cudnn.benchmark": True, "cudnn.allow_tf32": False, "cuda.matmul.allow_tf32": True}
+        bench.set_backend_flags(odd)
+        before = bench.backend_flags()
+        s = bench.BenchSettings(modes=["step"], variants=["fast", "reference"], out=None, warmup=1, iters=1,
+                                repeats=1)
+        report = bench.run_bench(None, TINY, s)
+        assert bench.backend_flags() == before
+        fast, ref = (run["results"]["step"]["backend_flags"] for run in report["runs"])
+        # the fast path's own flags, not the process's odd ones ...
+        assert {k: fast[k] for k in odd} == {"cudnn.benchmark": True, "cudnn.allow_tf32": True,
+                                             "cuda.matmul.allow_tf32": False}
+        # ... and none of them (cuDNN benchmark) leak into the reference measured after it
+        assert {k: ref[k] for k in odd} == bench.TORCH_DEFAULT_BACKENDS
+        assert [run["backends"] for run in report["runs"]] == ["run", "torch-defaults"]
+    finally:
+        bench.set_backend_flags(start)
+
+
+def test_teacher_bn_sync_is_converted_like_training(monkeypatch):
+    """model.teacher_bn=sync: the benchmark's teacher gets SyncBatchNorm as train._train's does
+    (teacher_bn_policy allows 'sync' on CUDA only; here it is forced to run the CPU path)."""
+    from fast_ressl import train as T
+
+    monkeypatch.setattr(T, "teacher_bn_policy", lambda cfg, env: "sync")
+    cfg = bench._cfg_for(None, TINY, bench.Variant("fast", []), "step", bench.BenchSettings())
+    res = bench.bench_train(cfg, bench.BenchSettings(warmup=1, iters=1, repeats=1), bench.Variant("fast", []), "step")
+    assert res["teacher_bn"] == "sync" and res["teacher_sync_bn_layers"] > 0
+    monkeypatch.setattr(T, "teacher_bn_policy", lambda cfg, env: "local")
+    res = bench.bench_train(cfg, bench.BenchSettings(warmup=1, iters=1, repeats=1), bench.Variant("fast", []), "step")
+    assert res["teacher_bn"] == "local" and res["teacher_sync_bn_layers"] == 0
