@@ -6,12 +6,19 @@ strong (student):  random resized crop -> colour jitter (p) -> grayscale (p) -> 
 
 Each op with a probability is made per-sample identity by its arguments instead of splitting the
 batch with conditionals (`docs: per-sample arguments that make an op an identity`):
-- jitter and grayscale are one fused `color_twist` (a linear colour transform): a sample that is not
-  jittered gets brightness = contrast = saturation = 1, hue = 0; a gray sample gets saturation 0
-  (luma replicated to 3 channels). Differences from torchvision's ColorJitter: DALI applies the four
-  factors in one fixed fused order (torchvision: random order), contrast pivots on mid-grey instead
-  of the image mean, and grayscale comes before the final clamp of the jitter. Hue is in degrees:
-  `augment.hue=0.1` of the circle is +-36 degrees.
+- contrast, as torchvision (and PIL's ImageEnhance.Contrast, which the official code runs), blends
+  each image with its own mean grey level: `contrast_own_mean`. DALI's `color_twist` contrast pivots
+  on mid-grey (128) instead: on a dark image (mean 60) a factor 0.6 brightened it by ~28 levels
+  where torchvision does not (measured); so contrast is its own op, before the colour twist.
+- brightness, saturation, hue and grayscale are one fused `color_twist` (a linear colour
+  transform): a sample that is not jittered gets brightness = saturation = 1, hue = 0; a gray
+  sample gets saturation 0 (luma replicated to 3 channels). Remaining differences from
+  torchvision's ColorJitter: a fixed order (contrast, then brightness, saturation, hue; torchvision
+  draws a random order: contrast and brightness commute without clipping, the rest nearly), and
+  grayscale before the jitter's final clamp. Hue is in degrees (`augment.hue=0.1` of the circle is
+  +-36 degrees) and DALI rotates it in YIQ where torchvision rotates in HSV: the same nominal shift
+  moves a pixel's HSV hue by a different amount (measured 25-50 degrees for a nominal 36, mean 36.8),
+  so the hue jitter's distribution matches in mean, not per pixel.
 - blur is the exception: `if coin:` (DALI conditionals, `enable_conditionals=True` in the
   pipeline) so that only the chosen half of the batch pays for the kernel.
 - flip is fused into crop_mirror_normalize (`mirror`).
@@ -23,6 +30,7 @@ from __future__ import annotations
 from typing import Dict, Sequence, Tuple
 
 import nvidia.dali.fn as fn
+import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 
 # torchvision RandomResizedCrop's aspect-ratio range
@@ -42,6 +50,22 @@ def _factor(strength: float, apply):
         return None
     u = fn.random.uniform(range=[max(0.0, 1.0 - strength), 1.0 + strength])
     return 1.0 + apply * (u - 1.0)
+
+
+# torchvision's rgb_to_grayscale weights (ITU-R 601 luma), for the contrast's mean grey level
+LUMA = (0.2989, 0.587, 0.114)
+
+
+def contrast_own_mean(images, factor, gpu: bool = False):
+    """torchvision's adjust_contrast on uint8 HWC images: factor * x + (1 - factor) * mean_luma(x),
+    clamped to [0, 255]; `factor` a per-sample float (1 = identity). mean_luma is the image's mean
+    grey level (luma weights as torchvision's grayscale). A few elementwise passes per image."""
+    x = fn.cast(images, dtype=types.FLOAT)
+    rgb = fn.reductions.mean(x, axes=[0, 1])  # (3,) per-sample channel means
+    mean = rgb[0] * LUMA[0] + rgb[1] * LUMA[1] + rgb[2] * LUMA[2]
+    f = factor.gpu() if gpu else factor
+    out = x * f + mean * (1.0 - f)
+    return fn.cast(dmath.clamp(out, 0.0, 255.0), dtype=types.UINT8)
 
 
 def random_resized_crop(images, crop):
@@ -82,7 +106,7 @@ def strong_view(images, crop, aug, mean, std, dtype: str, gpu: bool = False
     if brightness is not None:
         kwargs["brightness"] = brightness
     if contrast is not None:
-        kwargs["contrast"] = contrast
+        x = contrast_own_mean(x, contrast, gpu=gpu)
     if aug.hue > 0:
         kwargs["hue"] = jitter * fn.random.uniform(range=[-360.0 * aug.hue, 360.0 * aug.hue])
     x = fn.color_twist(x, **kwargs)

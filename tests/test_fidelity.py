@@ -142,3 +142,66 @@ def test_a_collapsed_relation_is_logged_and_warned(tmp_path, capsys):
     assert out.count("warning: the relation looks collapsed") == 1
     assert "looks collapsed at step 8:" in out
     assert "H/logK" in out
+
+
+# ----------------------------------------------------------------------------- augmentations
+def test_contrast_pivots_on_each_images_mean_like_torchvision():
+    """torchvision's (and PIL's) contrast blends an image with its own mean grey level; DALI's
+    color_twist pivots on 128 instead (measured here: 25-36 levels off on dark and light images)."""
+    np = pytest.importorskip("numpy")
+    dali = pytest.importorskip("nvidia.dali")
+    import torchvision.transforms.functional as TF
+    from nvidia.dali import fn
+
+    from pipelines_dali.augment import contrast_own_mean
+
+    rng = np.random.default_rng(0)
+    imgs = [np.clip(rng.normal(m, 25, (20, 30, 3)) + rng.normal(0, 10, (1, 1, 3)), 0, 255).astype(np.uint8)
+            for m in (40, 60, 128, 200, 215)]
+    factors = [0.6, 1.4, 0.6, 1.4, 0.6]
+
+    @dali.pipeline_def(batch_size=5, num_threads=1, device_id=None)
+    def pipe():
+        x = fn.external_source(source=lambda: imgs, batch=True, layout="HWC")
+        f = fn.external_source(source=lambda: [np.float32(v) for v in factors], batch=True)
+        return contrast_own_mean(x, f), fn.color_twist(x, contrast=f)
+
+    p = pipe()
+    p.build()
+    ours, mid_grey = p.run()
+    for i, (img, f) in enumerate(zip(imgs, factors)):
+        want = TF.adjust_contrast(torch.from_numpy(img).permute(2, 0, 1), f).permute(1, 2, 0).numpy().astype(int)
+        got = np.array(ours.at(i)).astype(int)
+        assert np.abs(got - want).max() <= 1, i  # rounding (DALI) vs truncation (torchvision)
+        if i != 2:  # the mid-grey image is the one where both pivots agree
+            assert abs((np.array(mid_grey.at(i)).astype(int) - want).mean()) > 20
+
+
+def test_strong_view_contrast_leaves_flat_dark_and_light_images_alone(tmp_path):
+    """Contrast around the image's own mean cannot change a flat image, whatever the factor; the
+    old mid-grey pivot moved a flat grey of 40 by up to 35 levels. The real strong view, only the
+    contrast jitter on (p=1, factor in [0.6, 1.4])."""
+    pytest.importorskip("nvidia.dali")
+    from PIL import Image
+
+    from pipelines_dali.loader import DaliTrainLoader
+
+    for c, level in enumerate((40, 60, 200, 215)):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(4):
+            Image.new("RGB", (48, 40), (level, level, level)).save(tmp_path / f"c{c}" / f"{i}.jpg", quality=95)
+    over = ["data.source=folder", f"data.root={tmp_path}", "data.weak={size: 32}", "data.strong=[{size: 32}]",
+            "train.batch_size=8", "method.queue_size=64", "data.num_threads=1", "data.dtype=fp32",
+            "data.augment.jitter_p=1.0", "data.augment.brightness=0.0", "data.augment.saturation=0.0",
+            "data.augment.hue=0.0", "data.augment.contrast=0.4", "data.augment.grayscale_p=0.0",
+            "data.augment.blur_p=0.0"]
+    cfg = load_config(None, over)
+    loader = DaliTrainLoader(cfg, 0, 1, torch.device("cpu"), progress=False)
+    mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    for _ in range(2):
+        b = next(loader)
+        weak, strong = (b.x_weak * std + mean) * 255, (b.x_strong[0] * std + mean) * 255
+        levels = weak.flatten(1).mean(1)  # each flat image's level, unjittered
+        assert set(levels.round().int().tolist()) <= {40, 60, 200, 215}
+        assert (strong - levels.view(-1, 1, 1, 1)).abs().max() <= 1.5
