@@ -13,7 +13,8 @@ from fast_ressl.config import load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 EXPECTED = {"imagenet_resnet50", "imagenet_resnet50_5crop", "small_resnet18_32px", "small_resnet18_64px",
-            "efficientnet_b0", "mobilenetv3_large_100", "mobilenetv3_small_100", "resnet18", "demo"}
+            "efficientnet_b0", "mobilenetv3_large_100", "mobilenetv3_small_100", "resnet18", "demo",
+            "small_resnet18_cifar100"}
 
 
 def test_all_recipes_present():
