@@ -49,6 +49,7 @@ class NonFiniteAbort(RuntimeError):
 def build_env(cfg: Config) -> Env:
     env = dist.init(cfg.run.device, cfg.train.dist_timeout_s)
     device = env.device
+    resolve_precision(cfg, device)
     configure_backends(device.type, cfg.train.deterministic)
     if device.type == "cpu" and cfg.train.precision == "bf16" and len({v.size for v in cfg.data.strong}) > 1:
         # Measured with torch 2.14.1: CPU bf16 autocast with student views of several sizes gave
@@ -60,6 +61,15 @@ def build_env(cfg: Config) -> Env:
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     return env
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> None:
+    """train.precision=auto -> bf16 on CUDA, fp32 elsewhere (on CPU, bf16 autocast measured about
+    2x slower than fp32: benchmarks/RESULTS.md), written back into cfg: every later reader (the
+    loop, bench) sees the concrete value, and an auto run and its resume on the same kind of device
+    hash alike."""
+    if cfg.train.precision == "auto":
+        cfg.train.precision = "bf16" if device.type == "cuda" else "fp32"
 
 
 def configure_backends(device_type: str, deterministic: bool) -> None:
@@ -282,16 +292,18 @@ def train(cfg: Config, allow_config_change: bool = False, live: Optional[bool] =
     """Run (or resume) pretraining; returns the summary written to summary.json.
 
     Raises Preempted after writing a checkpoint when SIGTERM/SIGINT arrived."""
-    env = build_env(cfg)
+    auto = cfg.train.precision == "auto"
+    env = build_env(cfg)  # resolves train.precision=auto
     try:
         with _SignalFlag() as stop_flag:
-            return _train(cfg, env, allow_config_change, live, stop_flag)
+            return _train(cfg, env, allow_config_change, live, stop_flag,
+                          f" (auto: {env.device.type.upper()})" if auto else "")
     finally:
         dist.shutdown()
 
 
 def _train(cfg: Config, env: Env, allow_config_change: bool, live: Optional[bool],
-           stop_flag: _SignalFlag) -> dict:
+           stop_flag: _SignalFlag, precision_note: str = "") -> dict:
     run_dir = run_dir_of(cfg)
     ckpts = CheckpointDir(run_dir / "checkpoints", cfg.train.keep_checkpoints, warn=lambda m: _info(env, m))
     if env.is_main:
@@ -313,7 +325,7 @@ def _train(cfg: Config, env: Env, allow_config_change: bool, live: Optional[bool
     resumed = maybe_resume(state, cfg, env, ckpts, allow_config_change)
     end_step = min(total_steps, cfg.train.stop_at_step or total_steps)
     _info(env, f"fast-ressl: {cfg.model.backbone} on {env.device} x {env.world_size} rank(s), "
-          f"{cfg.train.precision}, global batch {cfg.train.batch_size} "
+          f"{cfg.train.precision}{precision_note}, global batch {cfg.train.batch_size} "
           f"({cfg.train.batch_size // env.world_size} per rank) x {len(cfg.data.strong)} strong view(s), "
           f"lr {base_lr:.4g} (= {cfg.optim.lr} per 256 x {cfg.train.batch_size}/256), {optim_desc}, "
           f"teacher BN {bn_policy}; {steps_per_epoch} steps/epoch, {total_steps} steps; run dir {run_dir}"
