@@ -1,5 +1,6 @@
 # The two commands a new user needs (see README): `make demo` and `make test`.
-# Both create or reuse the local virtualenv $(VENV) and install the package with its dev extras.
+# Both create or reuse the local virtualenv $(VENV) and install the package with its dev and plot
+# extras (plot: the curves.png a run leaves in its directory).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,plot]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

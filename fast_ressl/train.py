@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dist, log
-from .checkpoint import CheckpointDir
+from .checkpoint import CheckpointDir, RunDirBusy, RunLock
 from .config import RUN_CONTROL_KEYS, Config, config_hash, to_dict, to_yaml
 from .data import build_loader
 from .evaluate import knn_monitor
@@ -184,18 +184,28 @@ class State:
         h.update(str(int(self.queue.ptr)).encode())
         return h.hexdigest()
 
-    def load_state_dict(self, sd: dict, env: Env) -> None:
-        if sd["world_size"] != env.world_size:
-            raise ConfigMismatch(f"the checkpoint was written by {sd['world_size']} rank(s), this run has "
-                                 f"{env.world_size}: each rank's data position cannot be mapped")
+    def load_state_dict(self, sd: dict, env: Env, reshard: bool = False) -> None:
+        """Everything from `sd`. reshard=True (a checkpoint of another number of ranks, allowed by
+        --allow-config-change): weights, queue, optimizer, scaler and step carry over, while each
+        rank's data position and RNG cannot be mapped onto the new ranks: the data starts a fresh
+        order at the start of the current epoch (epoch = step // steps_per_epoch; the global batch
+        and so the schedule are unchanged) and the RNGs are seeded from (seed, step, rank)."""
         self.student.load_state_dict(sd["student"])
         self.teacher.load_state_dict(sd["teacher"])
         self.queue.load_state_dict(sd["queue"])
         self.optimizer.load_state_dict(sd["optimizer"])
         self.scaler.load_state_dict(sd["scaler"])
+        self.step, self.skipped_steps = int(sd["step"]), int(sd["skipped_steps"])
+        if reshard:
+            epoch = self.step // self.loader.steps_per_epoch
+            self.loader.load_state_dict({"position": self.step} if hasattr(self.loader, "pool")  # synthetic
+                                        else {"epoch": epoch, "step_in_epoch": 0, "pipeline": ""})
+            seed = (int(sd["config"]["train"]["seed"]) * 1_000_003 + self.step) * 1024 + env.rank
+            random.seed(seed)
+            torch.manual_seed(seed)
+            return
         mine = sd["ranks"][env.rank]
         self.loader.load_state_dict(mine["loader"])
-        self.step, self.skipped_steps = int(sd["step"]), int(sd["skipped_steps"])
         _set_rng_state(mine["rng"], env.device)
 
 
@@ -252,6 +262,12 @@ def maybe_resume(state: State, cfg: Config, env: Env, ckpts: CheckpointDir,
     sd, path = ckpts.load_newest_valid(map_location="cpu")
     if sd is None:
         return None
+    reshard = sd["world_size"] != env.world_size
+    if reshard and not allow_config_change:
+        raise ConfigMismatch(f"{path} was written by {sd['world_size']} rank(s), this run has {env.world_size}: "
+                             f"relaunch with {sd['world_size']} rank(s) to resume exactly, or pass "
+                             "--allow-config-change to continue from its weights, queue, optimizer and step "
+                             "with a fresh data order from the start of the current epoch")
     if sd["config_hash"] != config_hash(cfg):
         diff = [d for d in _config_diff(sd["config"], redact_obj(to_dict(cfg)))
                 if not d.startswith(RUN_CONTROL_KEYS)]
@@ -259,7 +275,11 @@ def maybe_resume(state: State, cfg: Config, env: Env, ckpts: CheckpointDir,
             raise ConfigMismatch(f"{path} was written with a different config:\n  " + "\n  ".join(diff)
                                  + "\nuse a new run.name, or pass --allow-config-change to resume anyway")
         _info(env, "resuming with a changed config (--allow-config-change):\n  " + "\n  ".join(diff))
-    state.load_state_dict(sd, env)
+    if reshard:
+        _info(env, f"resuming a {sd['world_size']}-rank checkpoint on {env.world_size} rank(s) "
+              "(--allow-config-change): weights, queue, optimizer and step carried over; fresh data order "
+              "from the start of the current epoch")
+    state.load_state_dict(sd, env, reshard=reshard)
     return path
 
 
@@ -306,9 +326,38 @@ def _train(cfg: Config, env: Env, allow_config_change: bool, live: Optional[bool
            stop_flag: _SignalFlag, precision_note: str = "") -> dict:
     run_dir = run_dir_of(cfg)
     ckpts = CheckpointDir(run_dir / "checkpoints", cfg.train.keep_checkpoints, warn=lambda m: _info(env, m))
+    lock = _lock_run_dir(run_dir, env)
+    try:
+        return _train_locked(cfg, env, allow_config_change, live, stop_flag, precision_note, run_dir, ckpts)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_run_dir(run_dir: Path, env: Env) -> Optional[RunLock]:
+    """Rank 0 takes the run directory's lock (one writer per run dir) and removes the temporary
+    checkpoint files a killed writer left; every rank fails when the lock is held elsewhere."""
+    lock, busy = None, ""
     if env.is_main:
-        ckpts.root.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(redact_text(to_yaml(cfg)))
+        try:
+            lock = RunLock(run_dir)
+        except RunDirBusy as e:
+            busy = str(e)
+    busy = dist.gather_objects(busy, env)[0]
+    if busy:
+        raise RunDirBusy(busy)
+    if env.is_main:
+        ckpts_root = run_dir / "checkpoints"
+        ckpts_root.mkdir(parents=True, exist_ok=True)
+        removed = CheckpointDir(ckpts_root).remove_orphans()
+        if removed:
+            _info(env, f"removed {len(removed)} temporary checkpoint file(s) left by a killed run: "
+                  + ", ".join(p.name for p in removed))
+    return lock
+
+
+def _train_locked(cfg: Config, env: Env, allow_config_change: bool, live: Optional[bool],
+                  stop_flag: _SignalFlag, precision_note: str, run_dir: Path, ckpts: CheckpointDir) -> dict:
     student, teacher = build_student_teacher(cfg.model, env.device, cfg.train.channels_last)
     bn_policy = teacher_bn_policy(cfg, env)
     if bn_policy == "sync":
@@ -323,6 +372,8 @@ def _train(cfg: Config, env: Env, allow_config_change: bool, live: Optional[bool
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
     state = State(student, teacher, queue, optimizer, scaler, loader)
     resumed = maybe_resume(state, cfg, env, ckpts, allow_config_change)
+    if env.is_main:  # only once the config is accepted: a refused resume leaves the run's own
+        (run_dir / "config.yaml").write_text(redact_text(to_yaml(cfg)))
     end_step = min(total_steps, cfg.train.stop_at_step or total_steps)
     _info(env, f"fast-ressl: {cfg.model.backbone} on {env.device} x {env.world_size} rank(s), "
           f"{cfg.train.precision}{precision_note}, global batch {cfg.train.batch_size} "
@@ -652,4 +703,7 @@ def _finish(cfg: Config, s: State, run_dir: Path, total_steps: int, meter: Optio
         _info(env, f"done ({summary['status']}): step {s.step}/{total_steps}, final loss {loss}, "
               f"{wall:.1f} s, {len(bad)} bad file(s), {s.skipped_steps} skipped step(s); "
               f"summary in {run_dir / 'summary.json'}")
+        from .plot import plot_after_run  # matplotlib only if installed; never fails the run
+
+        plot_after_run(run_dir, lambda msg: _info(env, msg))
     return summary
