@@ -83,6 +83,19 @@ class CheckpointDir:
     def last(self) -> Path:
         return self.root / "last.pt"
 
+    def remove_orphans(self) -> list[Path]:
+        """Delete temporary files a killed writer left (`.step_*.pt.*.tmp` from atomic_save, the
+        `.last.*.tmp` hard link): each can be checkpoint-sized. Call it only while holding the run
+        directory's lock (RunLock), so no live writer's file is touched. Returns the removed paths."""
+        removed = []
+        for tmp in list(self.root.glob(".step_*.pt.*.tmp")) + list(self.root.glob(".last.*.tmp")):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except FileNotFoundError:
+                pass
+        return removed
+
     def numbered(self) -> list[Path]:
         return sorted(self.root.glob("step_*.pt"), key=_step_of, reverse=True)
 
@@ -124,3 +137,36 @@ class CheckpointDir:
                 continue
             return state, path
         return None, None
+
+
+class RunDirBusy(RuntimeError):
+    """Another live process holds the run directory."""
+
+
+class RunLock:
+    """One writer per run directory: an exclusive `flock` on RUN_DIR/.lock, held while training.
+
+    The kernel releases a flock when its process dies (kill -9 included), so a stale lock never
+    blocks the relaunch; the file keeps the holder's pid and host for the message."""
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+        import socket
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / ".lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise RunDirBusy(f"{run_dir} is in use by another fast-ressl process ({holder}); wait for it "
+                             "to finish or stop it, or use another run.name / run.dir") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = -1

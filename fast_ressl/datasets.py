@@ -265,15 +265,23 @@ def write_denylist(path: str, num_files: int, bad: Dict[str, str], root: str) ->
     os.replace(tmp, path)
 
 
-def read_denylist(path: str) -> Tuple[int, Dict[str, str]]:
-    """(number of files when scanned, {absolute path: reason})."""
-    with open(path) as f:
-        data = json.load(f)
-    if not isinstance(data, dict) or data.get("version") != DENYLIST_VERSION:
-        raise DataError(f"denylist {path} has an unknown format; delete it to rescan")
-    root = data.get("root", "")
-    bad = {os.path.normpath(os.path.join(root, e["path"])): e["reason"] for e in data["bad"]}
-    return int(data["num_files"]), bad
+def read_denylist(path: str, root: Optional[str] = None) -> Tuple[int, Dict[str, str]]:
+    """(number of files when scanned, {absolute path: reason}).
+
+    Entries are stored relative to the data root and resolved against `root`, the root of the data
+    being read now (the stored root only when none is given): a dataset copied or moved with its
+    denylist (`cp -r` to local disk) keeps its known-bad files out. A corrupt file is a DataError
+    that names it."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or data.get("version") != DENYLIST_VERSION:
+            raise DataError(f"denylist {path} has an unknown format; delete it to rescan")
+        base = root if root is not None else data.get("root", "")
+        bad = {os.path.normpath(os.path.join(base, e["path"])): e["reason"] for e in data["bad"]}
+        return int(data["num_files"]), bad
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise DataError(f"denylist {path} is corrupt ({type(e).__name__}: {e}); delete it to rescan") from None
 
 
 def scan_dataset(ds: FileDataset, denylist: str, num_threads: int = 4, progress: bool = True) -> Dict[str, str]:
@@ -283,16 +291,16 @@ def scan_dataset(ds: FileDataset, denylist: str, num_threads: int = 4, progress:
     return bad
 
 
-def _wait_for(path: str, num_files: int, timeout_s: float = 6 * 3600) -> Dict[str, str]:
+def _wait_for(path: str, num_files: int, root: str, timeout_s: float = 6 * 3600) -> Dict[str, str]:
     """Rank > 0: wait until rank 0 has written a denylist for `num_files` files; return it."""
     t0 = time.time()
     while True:
         if os.path.exists(path):
             try:
-                num, bad = read_denylist(path)
+                num, bad = read_denylist(path, root)
                 if num == num_files:
                     return bad
-            except (OSError, ValueError, KeyError):
+            except (OSError, DataError):  # being written: try again
                 pass
         if time.time() - t0 > timeout_s:
             raise DataError(f"timed out waiting for rank 0 to write the denylist {path}")
@@ -349,7 +357,7 @@ def prepare_dataset(cfg, rank: int = 0, progress: bool = True) -> FileDataset:
                                                os.path.dirname(os.path.abspath(d.file_list)), key)
     bad: Optional[Dict[str, str]] = None
     if os.path.exists(path):
-        num, bad = read_denylist(path)
+        num, bad = read_denylist(path, ds.root)
         if num != len(ds.files):
             bad = None  # the dataset changed since the scan
     if bad is None:
@@ -359,7 +367,7 @@ def prepare_dataset(cfg, rank: int = 0, progress: bool = True) -> FileDataset:
                       f"(writes {path})", file=sys.stderr)
             bad = scan_dataset(ds, path, num_threads=d.num_threads, progress=progress)
         else:
-            bad = _wait_for(path, len(ds.files))
+            bad = _wait_for(path, len(ds.files), ds.root)
     return apply_denylist(ds, bad, d.max_bad_fraction, where=key)
 
 

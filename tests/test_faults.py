@@ -1,0 +1,174 @@
+"""Reliability under real faults (issue 13): copied datasets, a second process on the run dir,
+refused resumes, orphaned temporary checkpoints, user errors as one line with exit code 2."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import add_bad_files, make_jpeg_folder
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = Path(tempfile.mkdtemp(prefix="fast_ressl_faults_")) / "empty.yaml"
+RECIPE.write_text("{}\n")
+TINY = ["model.backbone=test_resnet", "model.proj_hidden_dim=32", "model.proj_dim=16", "method.compile_loss=false",
+        "data.weak={size: 32}", "data.strong=[{size: 32}]", "method.queue_size=64", "train.batch_size=8",
+        "train.precision=fp32", "data.num_threads=1", "train.log_every=1", "eval.knn_every_epochs=0"]
+
+
+def _env():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("FAST_RESSL_FAULT_NAN", None)
+    return env
+
+
+def _train(*over, timeout=300):
+    return subprocess.run([sys.executable, "-m", "fast_ressl", "train", str(RECIPE), *TINY, *over], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+def _one_line_error(out):
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- 2. copied dataset
+def test_a_copied_dataset_keeps_its_denylist(tmp_path):
+    """`cp -r` to local disk carries the denylist; its entries resolve against the copy, so the
+    known-bad files stay out of training (before: decoded, the run died at step 5, every relaunch)."""
+    src = tmp_path / "src"
+    make_jpeg_folder(src)
+    bad = add_bad_files(src / "class_1")
+    out = subprocess.run([sys.executable, "-m", "fast_ressl", "scan", str(src)], cwd=REPO, capture_output=True,
+                         text=True, env=_env())
+    assert out.returncode == 0, out.stderr
+    dst = tmp_path / "local"
+    shutil.copytree(src, dst)
+    shutil.rmtree(src)  # the old root is gone: nothing may resolve against it
+    run = tmp_path / "run"
+    out = _train("data.source=folder", f"data.root={dst}", "train.epochs=1", "data.max_bad_fraction=0.3",
+                 f"run.dir={run}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "no denylist" not in out.stderr  # the copied denylist was used, not rescanned
+    summary = json.loads((run / "summary.json").read_text())
+    assert sorted(Path(p).name for p in summary["bad_files"]) == sorted(Path(p).name for p in bad.values())
+    assert all(str(dst) in p for p in summary["bad_files"])
+
+
+def test_a_corrupt_denylist_is_one_line_naming_it(tmp_path):
+    root = tmp_path / "images"
+    make_jpeg_folder(root)
+    (root / ".fast_ressl_denylist.json").write_text("{not json")
+    line = _one_line_error(_train("data.source=folder", f"data.root={root}", f"run.dir={tmp_path / 'run'}"))
+    assert str(root / ".fast_ressl_denylist.json") in line and "delete it" in line
+
+
+SYNTH = ["data.source=synthetic", "data.num_samples=32"]
+
+
+def _metrics_steps(run):
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line]
+
+
+def _wait_for_metrics(run, proc, n, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        path = run / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    raise AssertionError("no progress")
+
+
+# ----------------------------------------------------------------------------- 4. one writer
+def test_a_second_process_on_the_run_dir_is_refused(tmp_path):
+    """Two processes on one run dir used to both run to the end, interleaving checkpoints and
+    writing every metrics row twice. The second is refused (exit 2, naming the holder); the first
+    finishes alone; after a kill -9 of the holder the relaunch is not blocked by a stale lock."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fast_ressl", "train", str(RECIPE), *TINY, *SYNTH, "train.epochs=100",
+           "train.ckpt_every=10", f"run.dir={run}"]
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    _wait_for_metrics(run, first, 2)
+    line = _one_line_error(subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=_env(), timeout=300))
+    assert f"pid {first.pid}" in line and str(run) in line
+    assert first.poll() is None, "the first run must still be going, or the test proves nothing"
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    before = _metrics_steps(run)
+    assert before == list(range(1, len(before) + 1))  # one writer: no row twice
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=_env(), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stdout  # the killed holder's lock did not block the relaunch
+    after = _metrics_steps(run)[len(before):]
+    assert after == list(range(after[0], 401)) and after[0] <= len(before) + 1
+
+
+# ----------------------------------------------------------------------------- 5. refused resume
+def test_a_refused_resume_leaves_config_yaml_alone(tmp_path):
+    run = tmp_path / "run"
+    assert _train(*SYNTH, "train.epochs=1", f"run.dir={run}").returncode == 0
+    before = (run / "config.yaml").read_text()
+    out = _train(*SYNTH, "train.epochs=1", "method.tau_t=0.05", f"run.dir={run}")
+    assert out.returncode == 2 and "method.tau_t" in out.stderr
+    assert (run / "config.yaml").read_text() == before
+
+
+# ----------------------------------------------------------------------------- 6. orphans
+def test_temporary_checkpoints_of_a_killed_writer_are_removed(tmp_path):
+    """kill -9 inside torch.save leaves a checkpoint-sized temporary file; the next start removes it."""
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    ckpts.mkdir(parents=True)
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import torch, sys; from fast_ressl.checkpoint import atomic_save; "
+        f"atomic_save({{'x': torch.zeros(400_000_000, dtype=torch.uint8)}}, r'{ckpts}/step_00000004.pt')")],
+        cwd=REPO, env=_env())
+    t0 = time.time()
+    while not list(ckpts.glob(".step_*.tmp")):
+        assert writer.poll() is None and time.time() - t0 < 120, "the writer ended before it could be killed"
+        time.sleep(0.005)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=30)
+    orphans = list(ckpts.glob(".step_*.tmp"))
+    assert orphans and not (ckpts / "step_00000004.pt").exists()
+    out = _train(*SYNTH, "train.epochs=1", f"run.dir={run}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "removed 1 temporary checkpoint file(s)" in out.stdout
+    assert not list(ckpts.glob(".*.tmp"))
+
+
+# ----------------------------------------------------------------------------- 9. other rank count
+def test_a_run_continues_on_another_number_of_ranks(tmp_path):
+    import socket
+
+    run = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "fast_ressl", "train",
+                          str(RECIPE), *TINY, *SYNTH, "train.epochs=2", "train.stop_at_step=3", f"run.dir={run}"],
+                         cwd=REPO, capture_output=True, text=True, env=_env(), timeout=400)
+    assert two.returncode == 0, two.stderr[-3000:]
+    line = _one_line_error(_train(*SYNTH, "train.epochs=2", f"run.dir={run}"))
+    assert "2 rank(s)" in line and "--allow-config-change" in line
+    out = subprocess.run([sys.executable, "-m", "fast_ressl", "train", str(RECIPE), *TINY, *SYNTH, "train.epochs=2",
+                          f"run.dir={run}", "--allow-config-change"], cwd=REPO, capture_output=True, text=True,
+                         env=_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "fresh data order" in out.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["step"] == 8 and summary["world_size"] == 1
+    assert _metrics_steps(run) == list(range(1, 9))
