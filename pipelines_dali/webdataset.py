@@ -53,6 +53,11 @@ def _index_one(tar_path: str) -> Tuple[List[str], Dict[str, str], int]:
             if not img or not lab:
                 bad[where] = "missing image or cls component"
                 continue
+            if any(c[3] != "".join(c[3].split()) for c in comps):
+                # the index format is whitespace-separated: such a name would shift every field of
+                # its line and DALI would reject the whole index
+                bad[where] = "a member name holds whitespace (DALI's index cannot name it); rename it"
+                continue
             f.seek(img[0][1])
             reason = check_image_bytes(f.read(img[0][2]))
             if reason is not None:
