@@ -62,8 +62,22 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def _walk_files(folder: str) -> List[str]:
-    """All image files under `folder` (recursive, sorted); an unreadable folder raises DataError."""
+def _walk_files(folder: str, seen: Optional[Dict[Tuple[int, int], str]] = None) -> List[str]:
+    """All image files under `folder` (recursive, sorted); an unreadable folder raises DataError.
+
+    Symlinked folders are followed (data staged as links is common) but every real folder is read
+    once: a folder reached a second time (a symlink loop, or a class folder linked to another) is a
+    DataError naming both paths, instead of a hang or images silently counted twice."""
+    seen = {} if seen is None else seen
+    try:
+        st = os.stat(folder)
+    except OSError as e:
+        raise DataError(f"cannot read folder {folder}: {e.strerror or e}") from None
+    first = seen.setdefault((st.st_dev, st.st_ino), folder)
+    if first != folder:
+        kind = "a symlink loop" if os.path.commonpath([first, folder]) == first else "the same folder twice"
+        raise DataError(f"{folder} is {first} again ({kind}): its images would be read twice; remove the "
+                        "symlink or point it elsewhere")
     out: List[str] = []
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -73,7 +87,7 @@ def _walk_files(folder: str) -> List[str]:
         if entry.name.startswith("."):
             continue
         if entry.is_dir(follow_symlinks=True):
-            out.extend(_walk_files(entry.path))
+            out.extend(_walk_files(entry.path, seen))
         elif _is_image_name(entry.name):
             out.append(entry.path)
     return out
@@ -92,8 +106,11 @@ def list_folder(root: str | os.PathLike) -> FileDataset:
         raise DataError(f"{root} has no class folders (expected root/<class>/<image>)")
     files: List[str] = []
     labels: List[int] = []
+    seen: Dict[Tuple[int, int], str] = {}
+    st = os.stat(root)
+    seen[(st.st_dev, st.st_ino)] = root
     for label, name in enumerate(classes):
-        class_files = _walk_files(os.path.join(root, name))
+        class_files = _walk_files(os.path.join(root, name), seen)
         files.extend(class_files)
         labels.extend([label] * len(class_files))
     return FileDataset(files=files, labels=labels, classes=classes, root=root)

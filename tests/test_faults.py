@@ -213,3 +213,65 @@ def test_wds_index_leaves_out_members_with_spaces_and_dali_reads_it(tmp_path):
     assert loader.num_samples == 16
     for _ in range(2 * loader.steps_per_epoch):
         assert next(loader).x_weak.shape == (8, 3, 32, 32)
+
+
+# ----------------------------------------------------------------------------- 8. symlinks, errors
+def test_symlinked_class_folder_and_symlink_loop_are_reported_not_followed_twice(tmp_path):
+    root = tmp_path / "images"
+    make_jpeg_folder(root)
+    (root / "class_9").symlink_to(root / "class_0", target_is_directory=True)  # the same images again
+    line = _one_line_error(_train("data.source=folder", f"data.root={root}", f"run.dir={tmp_path / 'a'}"))
+    assert str(root / "class_9") in line and "twice" in line
+    (root / "class_9").unlink()
+    (root / "class_1" / "loop").symlink_to(root, target_is_directory=True)
+    line = _one_line_error(_train("data.source=folder", f"data.root={root}", f"run.dir={tmp_path / 'b'}"))
+    assert "symlink loop" in line and str(root / "class_1" / "loop") in line
+    (root / "class_1" / "loop").unlink()
+    elsewhere = tmp_path / "staged" / "class_2"  # a class folder staged elsewhere and linked: fine
+    elsewhere.parent.mkdir()
+    shutil.move(str(root / "class_2"), str(elsewhere))
+    (root / "class_2").symlink_to(elsewhere, target_is_directory=True)
+    from fast_ressl.datasets import list_folder
+
+    ds = list_folder(root)
+    assert len(ds.files) == len(set(os.path.realpath(f) for f in ds.files)) == 48
+
+
+@pytest.mark.parametrize("what", ["missing", "empty"])
+def test_missing_or_empty_data_root_is_one_line(tmp_path, what):
+    root = tmp_path / "nothing"
+    if what == "empty":
+        root.mkdir()
+    line = _one_line_error(_train("data.source=folder", f"data.root={root}", f"run.dir={tmp_path / 'run'}"))
+    assert str(root) in line
+
+
+def test_knn_and_export_refuse_a_bad_checkpoint_in_one_line(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    for cmd in (["knn", str(bad)], ["export", str(bad), str(tmp_path / "out.safetensors")],
+                ["linear", str(bad)]):
+        out = subprocess.run([sys.executable, "-m", "fast_ressl", *cmd], cwd=REPO, capture_output=True, text=True,
+                             env=_env(), timeout=120)
+        assert str(bad) in _one_line_error(out), cmd
+
+
+def test_disk_full_is_one_line_naming_the_path(tmp_path):
+    """A full disk while writing (fault injected in the write call: no tmpfs can be mounted here)
+    comes out as one line with the errno name and what to do, exit code 2."""
+    import errno as errno_mod
+
+    from fast_ressl import cli
+
+    line = cli.user_error(OSError(errno_mod.ENOSPC, "No space left on device", "/x/checkpoints/step.pt"))
+    assert "ENOSPC" in line and "/x/checkpoints/step.pt" in line and "resume" in line
+    assert cli.user_error(ValueError("a bug")) is None
+    # end to end, through the CLI: the checkpoint write fails with ENOSPC
+    code = ("import sys, errno, torch; from fast_ressl import cli, checkpoint\n"
+            "def full(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device', a[1] if len(a) > 1 else '')\n"
+            "checkpoint.torch.save = full\n"
+            f"sys.exit(cli.main(['train', r'{RECIPE}', *{TINY!r}, *{SYNTH!r}, 'train.epochs=1', "
+            f"r'run.dir={tmp_path / 'run'}']))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=_env(), timeout=300)
+    line = _one_line_error(out)
+    assert "ENOSPC" in line and "free space" in line
