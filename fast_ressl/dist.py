@@ -49,12 +49,29 @@ def init(device_pref: str, timeout_s: float = 600.0) -> Env:
     if world == 1:
         return Env(device=device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s),
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=_attempt_store(timeout),
+                                rank=rank, world_size=world, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
     ctrl = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return Env(device=device, rank=dist.get_rank(), world_size=dist.get_world_size(),
                local_rank=local_rank, ctrl_group=ctrl)
+
+
+def _attempt_store(timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store (env://, as torchrun sets it up), with every key under this restart
+    attempt's prefix.
+
+    torchrun's static rendezvous keeps one store for all restart attempts, and torch assumes "a new
+    TCPStore for every retry": after `--max-restarts` restarted the workers, the ranks read their
+    peers' gloo addresses from the previous attempt's keys and failed with "Gloo connectFullMesh
+    failed ... Connection refused" at once, or waited in init_process_group (reproduced on CPU with
+    gloo, kill -9 of one of 2 workers). With TORCHELASTIC_RESTART_COUNT in the prefix each attempt
+    meets only its own keys; every group made later (the gloo control group) inherits the prefix."""
+    from torch.distributed.rendezvous import rendezvous
+
+    store, _, _ = next(rendezvous("env://", timeout=timeout))
+    return dist.PrefixStore(f"fast_ressl/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def shutdown() -> None:
