@@ -593,11 +593,12 @@ def run_bench(config: Optional[str], overrides: List[str], s: BenchSettings,
                 run["results"][mode] = {"skipped": "data.source=synthetic: pass --data DIR "
                                                    "(see `fast-ressl make-bench-data`)"}
                 continue
-            if run["config"] is None or mode != "step":
-                run["config"] = to_dict(cfg)  # the resolved config (of the loader modes if any)
             _say(console, f"[bold]{v.name}[/] {mode} ...")
             with backend_flags_restored():  # variant order cannot change another variant's flags
                 res = bench_loader(cfg, s, v) if mode == "loader" else bench_train(cfg, s, v, mode)
+            if run["config"] is None or mode != "step":
+                # after the run: build_env resolved what depends on the device (train.precision=auto)
+                run["config"] = to_dict(cfg)  # the resolved config (of the loader modes if any)
             run["results"][mode] = res
             _say(console, f"  {v.name} {mode}: {res['median']:.1f} {res['unit']} "
                           f"(spread {res['spread_pct']:.0f}%)")
