@@ -1,0 +1,407 @@
+"""The GPU check in one call (`bash benchmarks/gpu_check.sh`, which runs this file).
+
+On a lent GPU machine, with DALI carried per ../shared/gpu/README.md (the parts copied to
+/tmp/dali-parts by earlier calls; this installs them when DALI is not importable yet), stages run
+in this order, each under its own timeout and all under one wall-clock budget (default 570 s, so
+that the whole call stays within a 10-minute device command):
+
+  dali      DALI importable, else install-dali.sh on the carried parts
+  data      make-bench-data: --images ImageNet-like JPEGs in --parallel parts (different seeds),
+            started first, in the background, merged into one class-folder tree
+  pytest    pytest -m gpu (the GPU-marked tests)
+  bench_<m> fast-ressl bench for each model (default resnet50, then efficientnet_b0 and
+            mobilenetv3_large_100): step and e2e, fast vs reference, 224 px, bf16, batch 256; the
+            loader mode (the pipeline alone, the same for every backbone) with the first model
+  sync      benchmarks/gpu_sync_check.py: host syncs per training step (ResNet-50 on the JPEGs)
+  resume    benchmarks/gpu_resume_check.py: kill -9 + resume vs an uninterrupted run, bitwise
+
+A stage that fails or times out is recorded and the next one runs; a stage that no longer fits in
+the budget is recorded as skipped. Everything goes to --out (default $OUT, else
+bench_out/gpu_check), at most 5 files: gpu_check.json (machine, versions, settings, every stage's
+status, times and parsed results, the full bench reports), gpu_check.log (each stage's log tail),
+bench_<model>.json (the reports, for benchmarks/results/). Scratch files (JPEGs, run dirs) go to
+--work. A short table is printed last. Exit status: 0 if every stage passed, 1 otherwise, 2 without
+CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = ("resnet50", "efficientnet_b0", "mobilenetv3_large_100")
+# Seconds kept back from the budget for the report; a stage with less than MIN_STAGE_S left is skipped.
+RESERVE_S, MIN_STAGE_S = 15.0, 20.0
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="benchmarks/gpu_check.sh", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "bench_out" / "gpu_check"),
+                   help="where the JSON, log and bench reports go (default $OUT, else bench_out/gpu_check)")
+    p.add_argument("--work", default="/tmp/fast_ressl_gpu_check", help="scratch: JPEGs, run dirs, logs")
+    p.add_argument("--budget", type=float, default=570.0, help="wall-clock seconds for everything (default 570)")
+    p.add_argument("--images", type=int, default=3072, help="benchmark JPEGs to make (default 3072)")
+    p.add_argument("--parallel", type=int, default=8, help="make-bench-data processes (default 8)")
+    p.add_argument("--models", default=",".join(MODELS), help="comma list of timm backbones to bench")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--threads", type=int, default=None,
+                   help="data.num_threads: DALI threads / DataLoader workers (default cores - 4, at most 12)")
+    p.add_argument("--warmup", type=int, default=5, help="bench warm-up steps (default 5)")
+    p.add_argument("--iters", type=int, default=10, help="bench steps per timed repeat (default 10)")
+    p.add_argument("--repeats", type=int, default=3, help="bench timed repeats (default 3)")
+    p.add_argument("--sync-steps", type=int, default=20, help="steps counted by the sync check (default 20)")
+    p.add_argument("--dali-sums", default=str(REPO / ".device-carry" / "SHA256SUMS"),
+                   help="SHA256SUMS of the carried DALI parts (install-dali.sh beside it)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="cpu: a rehearsal of the script itself on a machine without a GPU (with small "
+                   "--models/--size/--batch/--images; its figures mean nothing)")
+    p.add_argument("--skip", default="", help="comma list of stages to skip (dali, pytest, bench, sync, resume)")
+    return p.parse_args(argv)
+
+
+class Runner:
+    """Runs stages as subprocesses in their own process group (a timeout kills DataLoader workers
+    and torchrun children too), under one deadline; records each stage."""
+
+    def __init__(self, work: Path, budget: float):
+        self.t0 = time.time()
+        self.deadline = self.t0 + budget
+        self.logs = work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.stages: Dict[str, Dict[str, Any]] = {}
+        self.env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                    "PYTHONUNBUFFERED": "1"}
+
+    def left(self) -> float:
+        return self.deadline - time.time() - RESERVE_S
+
+    def skip(self, name: str, reason: str) -> Dict[str, Any]:
+        self.stages[name] = {"status": "skipped", "reason": reason}
+        print(f"[gpu_check] {name}: skipped ({reason})", flush=True)
+        return self.stages[name]
+
+    def run(self, name: str, cmd: List[str], timeout: float) -> Dict[str, Any]:
+        t = min(timeout, self.left())
+        if t < MIN_STAGE_S:
+            return self.skip(name, f"out of time: {max(0.0, self.left()):.0f} s of the budget left")
+        log = self.logs / f"{name}.log"
+        print(f"[gpu_check] {name}: {' '.join(cmd)} (timeout {t:.0f} s)", flush=True)
+        start = time.time()
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=f, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                rc = proc.wait(timeout=t)
+                status = "ok" if rc == 0 else "failed"
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                rc = proc.wait()
+                status = "timeout"
+        rec = {"status": status, "rc": rc, "seconds": round(time.time() - start, 1), "timeout_s": round(t),
+               "cmd": cmd, "log_tail": tail(log, 25)}
+        self.stages[name] = rec
+        print(f"[gpu_check] {name}: {status} (rc {rc}, {rec['seconds']} s)", flush=True)
+        return rec
+
+
+def tail(path: Path, n: int) -> List[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return []
+
+
+def load_json(path: Path) -> Optional[Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def machine_info(py: str) -> Dict[str, Any]:
+    info: Dict[str, Any] = {"cpu_count": os.cpu_count()}
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=30)
+        info["nvidia_smi"] = q.stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError) as e:
+        info["nvidia_smi"] = f"unavailable: {e}"
+    code = ("import json, sys, torch\nout = {'python': sys.version.split()[0], 'torch': torch.__version__, "
+            "'cuda': torch.version.cuda, 'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() "
+            "else None}\n"
+            "for m in ('timm', 'nvidia.dali', 'torchvision'):\n"
+            "    try:\n        out[m] = __import__(m, fromlist=['x']).__version__\n"
+            "    except Exception:\n        out[m] = None\nprint(json.dumps(out))")
+    q = subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=120)
+    info["versions"] = json.loads(q.stdout) if q.returncode == 0 else {"error": q.stderr[-500:]}
+    return info
+
+
+def cuda_available(py: str) -> Optional[str]:
+    """None if torch sees a CUDA device, else why not."""
+    q = subprocess.run([py, "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)"],
+                       capture_output=True, text=True)
+    if q.returncode == 0:
+        return None
+    if q.returncode == 3:
+        return "torch.cuda.is_available() is False (no CUDA device or driver)"
+    return f"torch could not be imported: {q.stderr.strip().splitlines()[-1:] or q.returncode}"
+
+
+# ----------------------------------------------------------------------------- stages
+def start_data(py: str, work: Path, images: int, parallel: int, env: Dict[str, str]) -> Dict[str, Any]:
+    """make-bench-data in `parallel` background processes (seeds 0..parallel-1, images split)."""
+    parts = work / "parts"
+    shutil.rmtree(parts, ignore_errors=True)
+    shutil.rmtree(work / "jpegs", ignore_errors=True)
+    parallel = max(1, min(parallel, images))
+    procs = []
+    for k in range(parallel):
+        n = images * (k + 1) // parallel - images * k // parallel
+        log = open(work / "logs" / f"data_{k}.log", "w")
+        procs.append((subprocess.Popen([py, "-m", "fast_ressl", "make-bench-data", str(parts / f"p{k}"),
+                                        "--images", str(n), "--seed", str(k)], cwd=REPO, env=env, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True), log))
+    return {"procs": procs, "start": time.time(), "parts": parts}
+
+
+def finish_data(job: Dict[str, Any], work: Path, runner: Runner, timeout: float) -> Optional[Path]:
+    """Wait for the make-bench-data parts and merge them into work/jpegs/<class>/ (file names get
+    the part's prefix); returns the root, or None (recorded) if a part failed or ran out of time."""
+    status, rcs = "ok", []
+    for proc, log in job["procs"]:
+        left = min(timeout - (time.time() - job["start"]), runner.left())
+        try:
+            rcs.append(proc.wait(timeout=max(1.0, left)))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rcs.append(proc.wait())
+            status = "timeout"
+        log.close()
+    if status == "ok" and any(rcs):
+        status = "failed"
+    rec: Dict[str, Any] = {"status": status, "rcs": rcs, "seconds": round(time.time() - job["start"], 1)}
+    root = work / "jpegs"
+    if status == "ok":
+        stats = [load_json(p / "stats.json") for p in sorted(job["parts"].iterdir())]
+        for part in sorted(job["parts"].iterdir()):
+            for cls in sorted(d for d in part.iterdir() if d.is_dir()):
+                (root / cls.name).mkdir(parents=True, exist_ok=True)
+                for f in cls.iterdir():
+                    f.rename(root / cls.name / f"{part.name}_{f.name}")
+        n = sum(s["images"] for s in stats if s)
+        rec["stats"] = {"images": n, "parts": stats,
+                        "mean_kb": sum(s["mean_kb"] * s["images"] for s in stats if s) / max(1, n),
+                        "mean_width": sum(s["mean_width"] * s["images"] for s in stats if s) / max(1, n),
+                        "mean_height": sum(s["mean_height"] * s["images"] for s in stats if s) / max(1, n)}
+    else:
+        rec["log_tail"] = tail(work / "logs" / "data_0.log", 15)
+    runner.stages["data"] = rec
+    print(f"[gpu_check] data: {status} ({rec['seconds']} s)", flush=True)
+    return root if status == "ok" else None
+
+
+def dali_stage(py: str, runner: Runner, sums: Path) -> bool:
+    """True if DALI is importable at the end."""
+    check = [py, "-c", "import nvidia.dali as d; print('DALI', d.__version__)"]
+    if subprocess.run(check, capture_output=True).returncode == 0:
+        runner.stages["dali"] = {"status": "ok", "note": "already installed"}
+        return True
+    if not sums.exists():
+        runner.skip("dali", f"DALI not importable and no carried parts ({sums} missing): see "
+                            "../shared/gpu/README.md; loader and e2e benches are skipped")
+        return False
+    runner.run("dali", ["bash", str(sums.parent / "install-dali.sh"), str(sums)], timeout=240)
+    return subprocess.run(check, capture_output=True).returncode == 0
+
+
+def pytest_summary(xml_path: Path) -> Optional[Dict[str, Any]]:
+    """Counts and outcome per test from pytest's JUnit XML."""
+    try:
+        root = ET.parse(xml_path).getroot()
+    except (OSError, ET.ParseError):
+        return None
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    tests = []
+    for case in suite.iter("testcase"):
+        outcome = "passed"
+        for tag in ("failure", "error", "skipped"):
+            el = case.find(tag)
+            if el is not None:
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                msg = (el.get("message") or "")[:300]
+                break
+        else:
+            msg = ""
+        tests.append({"test": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome,
+                      "seconds": float(case.get("time") or 0), "message": msg})
+    count = {k: sum(1 for t in tests if t["outcome"] == k) for k in ("passed", "failed", "error", "skipped")}
+    return {**count, "tests": tests}
+
+
+def bench_cmd(py: str, model: str, a: argparse.Namespace, data: Optional[Path], threads: int,
+              out: Path, loader_mode: bool) -> List[str]:
+    """The loader mode runs for the first model only: it measures the data pipeline alone, the same
+    for every backbone (same views, batch and threads)."""
+    modes = ("loader,step,e2e" if loader_mode else "step,e2e") if data is not None else "step"
+    cmd = [py, "-m", "fast_ressl", "bench", "-", f"model.backbone={model}", f"train.batch_size={a.batch}",
+           f"train.precision={a.precision}", f"data.weak={{size: {a.size}}}", f"data.strong=[{{size: {a.size}}}]",
+           f"data.num_threads={threads}", f"run.device={a.device}", "--modes", modes, "--warmup", str(a.warmup),
+           "--iters", str(a.iters), "--repeats", str(a.repeats), "--out", str(out)]
+    return cmd + (["--data", str(data)] if data is not None else [])
+
+
+# ----------------------------------------------------------------------------- report
+def _fmt(x: Any, spec: str = ".0f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def bench_rows(model: str, report: Dict[str, Any]) -> List[List[str]]:
+    by = {r["variant"]: r["results"] for r in report.get("runs", [])}
+    rows = []
+    for mode in report.get("settings", {}).get("modes", []):
+        fast, ref = by.get("fast", {}).get(mode, {}), by.get("reference", {}).get(mode, {})
+        ratio = report.get("ratios", {}).get("fast", {}).get(mode)
+        ops = (f"{fast['ops_per_step']} ({fast['bookkeeping_ops']})" if "ops_per_step" in fast else "-")
+        ref_ops = (f"{ref['ops_per_step']} ({ref['bookkeeping_ops']})" if "ops_per_step" in ref else "-")
+        wait = fast.get("data_wait_fraction", {}).get("median")
+        mem = (f"{fast['peak_memory_mb']:.0f}+{fast.get('outside_torch_mb', 0):.0f}"
+               if "peak_memory_mb" in fast else (f"+{fast['outside_torch_mb']:.0f}" if "outside_torch_mb" in fast
+                                                 else "-"))
+        rows.append([model, mode, _fmt(fast.get("median")), _fmt(ref.get("median")),
+                     _fmt(ratio, ".2f") + ("x" if ratio else ""), ops, ref_ops,
+                     "-" if wait is None else f"{100 * wait:.1f}%", mem,
+                     str(fast.get("epoch_boundaries_timed", "-"))])
+    return rows
+
+
+def table(header: List[str], rows: List[List[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def stage_result(name: str, rec: Dict[str, Any]) -> str:
+    res = rec.get("result")
+    if rec.get("status") == "skipped":
+        return rec.get("reason", "")
+    if name == "data" and rec.get("stats"):
+        s = rec["stats"]
+        return f"{s['images']} JPEGs, {s['mean_width']:.0f}x{s['mean_height']:.0f} px, {s['mean_kb']:.0f} KB"
+    if name == "pytest" and res:
+        return f"{res['passed']} passed, {res['failed']} failed, {res['error']} errors, {res['skipped']} skipped"
+    if name == "sync" and res:
+        return (f"{res['syncs_per_step']} host syncs/step ({res['steps_counted']} non-log steps); "
+                f"log steps {res['log_syncs']}, side threads {res['side_thread_syncs']}")
+    if name == "resume" and res:
+        return (f"{'bitwise equal' if res.get('ok') else 'NOT equal'}: killed at step {res.get('killed_at_step')}, "
+                f"{len(res.get('tensors_differ', []))}/{res.get('tensors_compared')} tensors differ, "
+                f"losses equal {res.get('losses_equal')}" + (f"; {res['error'][:120]}" if res.get("error") else ""))
+    if name.startswith("bench_") and res:
+        return f"report {len(res.get('runs', []))} variants x {len(res.get('settings', {}).get('modes', []))} modes"
+    return (rec.get("log_tail") or [""])[-1][:140]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    a = parse_args(argv)
+    py = sys.executable
+    why = cuda_available(py) if a.device == "cuda" else None
+    if why is not None:
+        print(f"gpu_check: no CUDA here: {why}. This check runs on a lent GPU machine (see the README's "
+              "'GPU check'); nothing was run.", file=sys.stderr)
+        return 2
+    out, work = Path(a.out), Path(a.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    runner = Runner(work, a.budget)
+    skip = set(filter(None, a.skip.split(",")))
+    threads = a.threads or max(2, min(12, (os.cpu_count() or 8) - 4))
+    data_job = start_data(py, work, a.images, a.parallel, runner.env)  # CPU work while the GPU stages run
+    if "dali" in skip:  # no install; use DALI if it is there
+        have_dali = subprocess.run([py, "-c", "import nvidia.dali"], capture_output=True).returncode == 0
+    else:
+        have_dali = dali_stage(py, runner, Path(a.dali_sums))
+    info = machine_info(py)  # after the DALI install: its version
+    if "pytest" not in skip:
+        xml = work / "pytest_gpu.xml"
+        rec = runner.run("pytest", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests",
+                                    f"--junitxml={xml}"], timeout=150)
+        rec["result"] = pytest_summary(xml)
+    data = finish_data(data_job, work, runner, timeout=150)
+    bench_data = data if have_dali else None  # no DALI: step mode only
+    models = [m for m in a.models.split(",") if m]
+
+    def bench(model: str, first: bool) -> None:
+        rep = work / f"bench_{model}.json"
+        rec = runner.run(f"bench_{model}", bench_cmd(py, model, a, bench_data, threads, rep, first), timeout=150)
+        rec["result"] = load_json(rep)
+
+    # the main model's bench, then the sync and resume checks, then the other models' benches
+    if models and "bench" not in skip:
+        bench(models[0], True)
+    if "sync" not in skip:
+        sj = work / "sync.json"
+        cmd = [py, str(REPO / "benchmarks" / "gpu_sync_check.py"), "-",
+               f"model.backbone={models[0] if models else MODELS[0]}", f"train.batch_size={a.batch}",
+               f"train.precision={a.precision}", f"data.weak={{size: {a.size}}}", f"data.strong=[{{size: {a.size}}}]",
+               f"data.num_threads={threads}", "--steps", str(a.sync_steps), "--log-every", "10",
+               "--device", a.device, "--out", str(sj)]
+        cmd += ["--data", str(bench_data)] if bench_data is not None else []
+        rec = runner.run("sync", cmd, timeout=100)
+        rec["result"] = load_json(sj)
+    if "resume" not in skip:
+        rj = work / "resume.json"
+        rec = runner.run("resume", [py, str(REPO / "benchmarks" / "gpu_resume_check.py"), "--work",
+                                    str(work / "resume"), "--device", a.device, "--out", str(rj)], timeout=150)
+        rec["result"] = load_json(rj)
+    for model in models[1:] if "bench" not in skip else []:
+        bench(model, False)
+    return finish(a, argv, py, runner, info, out, work, models, threads)
+
+
+def finish(a: argparse.Namespace, argv: Optional[List[str]], py: str, runner: Runner, info: Dict[str, Any],
+           out: Path, work: Path, models: List[str], threads: int) -> int:
+    """Write gpu_check.json, gpu_check.log and the bench reports to `out`; print the tables."""
+    report = {"schema": "fast_ressl.gpu_check/1", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "command": ["bash", "benchmarks/gpu_check.sh", *(argv if argv is not None else sys.argv[1:])],
+              "machine": info, "settings": dict(vars(a)), "threads": threads,
+              "wall_s": round(time.time() - runner.t0, 1), "stages": runner.stages}
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    with open(out / "gpu_check.log", "w") as f:
+        for name in ["dali", "pytest", *[f"bench_{m}" for m in models], "sync", "resume"]:
+            f.write(f"===== {name}\n" + "\n".join(tail(runner.logs / f"{name}.log", 200)) + "\n")
+    for model in models:
+        if (work / f"bench_{model}.json").exists():
+            shutil.copy(work / f"bench_{model}.json", out / f"bench_{model}.json")
+    v = info.get("versions", {})
+    smi = "; ".join(info["nvidia_smi"]) if isinstance(info["nvidia_smi"], list) else ""
+    print(f"\nGPU check: {v.get('gpu')} ({smi}), torch {v.get('torch')}, DALI {v.get('nvidia.dali')}, "
+          f"timm {v.get('timm')}; batch {a.batch}, {a.size} px, {a.precision}; {report['wall_s']} s; "
+          f"JSON in {out / 'gpu_check.json'}")
+    rows = [row for m in models for row in bench_rows(m, runner.stages.get(f"bench_{m}", {}).get("result") or {})]
+    if rows:
+        print("\nimages/s (median), fast vs reference; ops/step (bookkeeping); the fast path's data wait and "
+              "memory (torch peak + outside torch, MB); epoch boundaries inside its timed windows")
+        print(table(["model", "mode", "fast", "reference", "fast/ref", "ops fast", "ops ref", "wait", "mem MB",
+                     "bounds"], rows))
+    print()
+    print(table(["stage", "status", "seconds", "result"],
+                [[n, r.get("status", "?"), _fmt(r.get("seconds"), ".0f"), stage_result(n, r)]
+                 for n, r in runner.stages.items()]))
+    return 0 if all(r.get("status") == "ok" for r in runner.stages.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""benchmarks/gpu_check.sh and its helpers, on the CPU: --help anywhere, a clear refusal without
+CUDA, and the sync-count attribution and checkpoint comparison the GPU stages report."""
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import gpu_resume_check  # noqa: E402
+import gpu_sync_check  # noqa: E402
+
+
+def _bash(*args, **env):
+    full = {**os.environ, "PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=full, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_help_prints_usage_and_exits_0():
+    out = _bash("--help")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: benchmarks/gpu_check.sh")
+    for stage in ("pytest -m gpu", "make-bench-data", "gpu_sync_check.py", "gpu_resume_check.py", "--budget"):
+        assert stage in out.stdout
+
+
+def test_without_cuda_it_says_so_and_exits_nonzero(tmp_path):
+    out = _bash("--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), CUDA_VISIBLE_DEVICES="")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "no CUDA here" in out.stderr and "nothing was run" in out.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+
+
+@pytest.mark.filterwarnings("ignore:stand-in sync")  # the warm-up steps' (not counted)
+def test_sync_counts_are_attributed_to_steps_log_and_threads(monkeypatch):
+    """The sync check's harness on the CPU (no sync debug mode there): warnings raised inside the step
+    body and inside the meter's log land on the right step and are told apart; log steps (multiples of
+    log_every and the last step) are left out of the per-step figure."""
+    from fast_ressl import train as T
+
+    real_fault, real_log = T.inject_fault, T._Meter.log
+
+    def fault(loss, step, rank):  # called once per step inside the loop's step body
+        if step % 2:
+            warnings.warn(f"stand-in sync in step {step}")
+        return real_fault(loss, step, rank)
+
+    def log(self, *a, **k):
+        warnings.warn("stand-in sync in the log")
+        return real_log(self, *a, **k)
+
+    monkeypatch.setattr(T, "inject_fault", fault)
+    monkeypatch.setattr(T._Meter, "log", log)
+    tiny = ["model.backbone=test_resnet", "model.proj_hidden_dim=32", "model.proj_dim=16", "method.queue_size=64",
+            "method.compile_loss=false", "data.weak={size: 32}", "data.strong=[{size: 32}]",
+            "data.num_samples=64", "train.batch_size=8"]
+    res = gpu_sync_check.run(None, tiny, None, warmup=2, steps=7, log_every=3, device="cpu")
+    assert res["measured_steps"] == [3, 9] and res["log_steps"] == [3, 6, 9]
+    # odd steps warn once in their body: 3, 5, 7, 9 -> by step; counted: 4, 5, 7, 8 (not 3, 6, 9)
+    assert res["syncs_by_step"] == {"3": 1, "4": 0, "5": 1, "6": 0, "7": 1, "8": 0, "9": 1}
+    assert res["steps_counted"] == 4 and res["syncs_per_step"] == 2 / 4
+    assert res["log_syncs"] == 3 and res["side_thread_syncs"] == 0 and res["total_warnings"] == 7
+    log_site = [s for s in res["sites"] if s["in_log"]]
+    assert len(log_site) == 1 and log_site[0]["count"] == 3 and log_site[0]["main_thread"]
+
+
+def test_log_steps():
+    assert gpu_sync_check.log_steps(3, 23, 10) == [10, 20, 23]
+    assert gpu_sync_check.log_steps(0, 20, 10) == [10, 20]
+
+
+def test_resume_check_compares_every_tensor():
+    gen = torch.Generator().manual_seed(0)
+
+    def sd():
+        return {"student": {"w": torch.randn(3, 4, generator=gen), "b": torch.randn(4, generator=gen)},
+                "teacher": {"w": torch.randn(3, 4, generator=gen)},
+                "queue": {"buffer": torch.randn(8, 2, generator=gen), "ptr": torch.tensor(4)},
+                "optimizer": {"state": {0: {"momentum_buffer": torch.randn(3, 4, generator=gen), "step": 3}}},
+                "step": 12}
+
+    a = sd()
+    b = {k: (v if not isinstance(v, dict) else {**v}) for k, v in a.items()}
+    same = gpu_resume_check.compare_checkpoints(a, b)
+    assert same["tensors_compared"] == 5 and same["tensors_differ"] == [] and same["queue_ptr_equal"]
+    b["teacher"] = {"w": a["teacher"]["w"] + 0.5}
+    b["optimizer"] = {"state": {0: {"momentum_buffer": a["optimizer"]["state"][0]["momentum_buffer"].clone()}}}
+    b["optimizer"]["state"][0]["momentum_buffer"][0, 0] += 1.0
+    diff = gpu_resume_check.compare_checkpoints(a, b)
+    assert [(d["name"], round(d["max_abs_diff"], 6)) for d in diff["tensors_differ"]] == [
+        ("teacher.w", 0.5), ("optimizer.0.momentum_buffer", 1.0)]
