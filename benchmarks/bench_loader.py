@@ -7,7 +7,8 @@ by git), 8 class folders.
 
 Reported figure: source images/s (one image = its weak + strong view), after warm-up, median of
 --repeats timed windows of --batches batches each, the two loaders' windows interleaved (epoch
-boundaries, i.e. DALI pipeline rebuilds, fall inside the windows as they come). Run:
+boundaries fall inside the windows as they come; the DALI loader builds each next epoch's pipeline
+ahead on a side thread, as in training, so a boundary costs what it costs a training run). Run:
 
     .venv/bin/python benchmarks/bench_loader.py --threads 2 --batch 64
 """
