@@ -163,8 +163,8 @@ class TrainConfig:
     epochs: int = 200
     batch_size: int = 256  # global (all ranks); per rank = batch_size // world_size
     # auto | bf16 | fp16 (with GradScaler) | fp32. auto = bf16 on CUDA, fp32 on CPU, where bf16
-    # autocast measured about 2x slower than fp32 (benchmarks/RESULTS.md); resolved once the device
-    # is known (train.resolve_precision), so config.yaml and the checkpoint hold the concrete value.
+    # autocast ran end to end at 33 img/s vs fp32's 59 (2-core CPU, benchmarks/RESULTS.md); resolved
+    # once the device is known (train.resolve_precision): config.yaml and checkpoints hold the result.
     precision: str = "auto"
     channels_last: bool = True
     seed: int = 0

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 CURVES_PNG = "curves.png"
 INSTALL_HINT = "pip install 'fast_ressl[plot]'"
 COLLAPSE_KEYS = ("target_entropy_frac", "queue_mean_cos")
+KNN_BASELINES = {"random_init": "same backbone, random init", "raw_pixels": "raw pixels"}
 
 DPI = 100
 # Run curves: panels in 2 columns, 6.0 x 2.6 inch each, plus a 0.5 inch title band (1200 px wide).
@@ -251,10 +252,13 @@ def plot_run(run_dir: os.PathLike | str, out: Optional[os.PathLike | str] = None
     def draw_knn(ax):
         x = [r["epoch"] + 1 for r in knn]  # the row's epoch is the one just completed, 0-based
         ax.plot(x, [r["knn_top1"] for r in knn], "o-", color="tab:green", lw=1.2, label="pretrained")
-        rnd = [(r["epoch"] + 1, r["knn_top1_random_init"]) for r in knn if "knn_top1_random_init" in r]
-        if rnd:
-            ax.plot([p[0] for p in rnd], [p[1] for p in rnd], "x", color="0.4", ms=8, mew=2,
-                    label="same backbone, random init")
+        # baselines logged beside it (knn_top1_<name>: random_init, raw_pixels, ...) as markers
+        names = sorted({k[len("knn_top1_"):] for r in knn for k in r if k.startswith("knn_top1_")})
+        for j, name in enumerate(names):
+            pts = [(r["epoch"] + 1, r[f"knn_top1_{name}"]) for r in knn if f"knn_top1_{name}" in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "xP^sv"[j % 5], color=("0.4", "tab:red",
+                    "tab:olive", "tab:pink", "tab:brown")[j % 5], ms=8, mew=2,
+                    label=KNN_BASELINES.get(name, name.replace("_", " ")))
         ax.set_xlabel("epochs completed")
         epochs = sorted(set(x))
         if len(epochs) <= 20:
