@@ -158,6 +158,7 @@ class State:
     def state_dict(self, cfg: Config, env: Env) -> Optional[dict]:
         """Collective (every rank calls it): rank 0 gets the full dict, the others None."""
         per_rank = dist.gather_objects({"rng": _rng_state(env.device), "loader": self.loader.state_dict(),
+                                        "bad_files": list(getattr(self.loader, "bad_files", [])),
                                         "fingerprint": self.fingerprint()}, env)
         if not env.is_main:
             return None
@@ -169,7 +170,8 @@ class State:
             "queue": self.queue.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "step": self.step, "skipped_steps": self.skipped_steps,
             "ranks": per_rank, "world_size": env.world_size,
-            "bad_files": list(getattr(self.loader, "bad_files", [])),
+            "bad_files": sorted({f for r in per_rank for f in r["bad_files"]}),
+            "data": self.loader.data_identity() if hasattr(self.loader, "data_identity") else None,
             "config": redact_obj(to_dict(cfg)), "config_hash": config_hash(cfg),
         }
 
@@ -252,6 +254,23 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> List[str]:
     return out
 
 
+def _data_change(sd: dict, loader: Any) -> str:
+    """'' when the loader draws from the same files as the checkpoint's run, else what changed (count
+    and the class folders whose count changed). A file deleted after the scan makes the next start
+    rescan and drop it: without this check the run would resume on a different dataset (different
+    file order, steps per epoch and LR schedule) without a word."""
+    old = sd.get("data")
+    new = loader.data_identity() if hasattr(loader, "data_identity") else None
+    if not old or not new or old["sha256"] == new["sha256"]:
+        return ""
+    classes = sorted(set(old["per_class"]) | set(new["per_class"]))
+    moved = [f"{os.path.join(new['root'] or '', c)} ({old['per_class'].get(c, 0)} -> {new['per_class'].get(c, 0)} files)"
+             for c in classes if old["per_class"].get(c, 0) != new["per_class"].get(c, 0)]
+    what = f"{old['num_files']} -> {new['num_files']} good files"
+    return what + (f"; class folders: {', '.join(moved[:10])}" + (" ..." if len(moved) > 10 else "")
+                   if moved else "; same count per class folder, different files")
+
+
 def maybe_resume(state: State, cfg: Config, env: Env, ckpts: CheckpointDir,
                  allow_config_change: bool) -> Optional[Path]:
     """Restore from the newest valid checkpoint, if any (unusable newer ones are reported and
@@ -263,6 +282,15 @@ def maybe_resume(state: State, cfg: Config, env: Env, ckpts: CheckpointDir,
     if sd is None:
         return None
     reshard = sd["world_size"] != env.world_size
+    changed = _data_change(sd, state.loader)
+    if changed:
+        if not allow_config_change:
+            raise ConfigMismatch(f"the data changed since {path} was written: {changed}; restore the data to "
+                                 "resume exactly, or pass --allow-config-change to continue on the data as it is "
+                                 "now (fresh data order from the start of the current epoch)")
+        _info(env, f"the data changed since {path}: {changed}; continuing on it (--allow-config-change) with a "
+              "fresh data order from the start of the current epoch")
+        reshard = True
     if reshard and not allow_config_change:
         raise ConfigMismatch(f"{path} was written by {sd['world_size']} rank(s), this run has {env.world_size}: "
                              f"relaunch with {sd['world_size']} rank(s) to resume exactly, or pass "
@@ -459,6 +487,7 @@ class Loop:
             s.step = step + 1
             meter.add(loss, ok, guard.local_finite, x_weak.shape[0])
             if logs:
+                meter.midrun_bad = getattr(s.loader, "midrun_bad", {})  # files that failed mid-run
                 s.skipped_steps = meter.log(s.step, lr, m)  # the one host sync of the interval
             stopping = dist.any_flag(bool(self.stop_flag.signum), env)  # gloo on the host: no GPU sync
             if self.ckpts is not None and (stopping or s.step % t_cfg.ckpt_every == 0 or s.step == end_step):
@@ -592,6 +621,8 @@ class _Meter:
         self.images = 0
         self.records: List[dict] = []
         self.collapse: Optional[torch.Tensor] = None  # (2,) from ressl.collapse_indicators, log steps
+        self.midrun_bad: dict = {}  # this rank's loader's files that failed mid-run {path: reason}
+        self._bad_logged: set = set()
         # the queue holds only keys of this run (none of its random initial rows) from this step on;
         # before it, a near-uniform relation is the expected start, not a collapse
         self.queue_filled_step = -(-cfg.method.queue_size // cfg.train.batch_size)
@@ -632,6 +663,13 @@ class _Meter:
                   "momentum": m, "img_per_s": self.images / dt if dt > 0 else 0.0,
                   "data_wait_frac": self.wait_s / dt if dt > 0 else 0.0, "skipped_steps": skipped,
                   "time": time.time()}
+        if self.midrun_bad:
+            record["midrun_bad_files"] = len(self.midrun_bad)
+            for path in sorted(set(self.midrun_bad) - self._bad_logged):  # one row per file, with its path
+                self._bad_logged.add(path)
+                if self.metrics is not None:
+                    self.metrics.write({"step": step, "bad_file": path, "reason": self.midrun_bad[path],
+                                        "rank": self.env.rank, "time": time.time()})
         if self.collapse is not None:
             entropy, mean_cos = self.collapse.tolist()
             record.update(target_entropy_frac=entropy, queue_mean_cos=mean_cos)
@@ -686,7 +724,7 @@ def _finish(cfg: Config, s: State, run_dir: Path, total_steps: int, meter: Optio
             status: Optional[str] = None) -> dict:
     records = meter.records if meter else []
     wall = time.perf_counter() - meter.t_start if meter else 0.0
-    bad = list(getattr(s.loader, "bad_files", []))
+    bad = sorted({f for r in dist.gather_objects(list(getattr(s.loader, "bad_files", [])), env) for f in r})
     summary = {
         "status": status or ("completed" if s.step >= total_steps else "stopped"),
         "step": s.step, "total_steps": total_steps,

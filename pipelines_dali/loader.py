@@ -29,6 +29,15 @@ batches already handed out in it and DALI's checkpoint string of the pipeline (r
 every RNG) after the last batch handed out. `load_state_dict` rebuilds that epoch's pipeline from the
 string, so the next batches equal those of the uninterrupted run bit for bit.
 
+A file that goes bad after the scan (overwritten, truncated, deleted) makes DALI fail its whole
+batch (DALI cannot ask its reader for a replacement sample). The loader then decodes the files of
+the failed batch and of the batches in flight, and each file that fails is replaced by another file
+of its batch (so every rank keeps the same number of batches and steps); the rest of the epoch is
+read by a new pipeline ("segment") that starts at the failed batch. The replacements and the segment
+start are part of `state_dict`, so a resume rebuilds the same batches; the path is reported, kept in
+`bad_files` (-> summary.json) and `midrun_bad` (-> metrics.jsonl). Webdataset samples are checked
+when their index is written (`fast-ressl wds-index`); a shard that goes bad later still stops the run.
+
 Output: DALI's NHWC buffers are taken by DALIGenericIterator through DLPack (no copy under the
 dynamic executor) and viewed as channels_last NCHW with permute(0, 3, 1, 2). bf16 is produced as
 fp32 by DALI (it has no bf16) and cast in torch (one copy).
@@ -36,7 +45,9 @@ fp32 by DALI (it has no bf16) and cast in torch (one copy).
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
+import sys
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -46,7 +57,7 @@ import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from fast_ressl.data import Batch, EndlessLoader, torch_dtype
-from fast_ressl.datasets import DataError, FileDataset, epoch_block, prepare_dataset
+from fast_ressl.datasets import DataError, FileDataset, check_image, epoch_block, prepare_dataset
 
 from .pipeline import DEBUG_KEYS, eval_pipeline, train_pipeline
 
@@ -166,13 +177,88 @@ class DaliTrainLoader(EndlessLoader):
         self._ahead: Optional[_Ahead] = None
         self.builds: List[Tuple[str, int]] = []
         self.ahead_wait_s = 0.0
+        # files that failed mid-run: {path: reason}; each is replaced inside its batch from then on
+        self.midrun_bad: Dict[str, str] = {}
+        self.segment_start = 0  # first batch of `epoch` that the current pipeline reads
 
     # ------------------------------------------------------------------ pipelines
     def epoch_files(self, epoch: int) -> tuple[List[str], List[int]]:
-        """This rank's files of `epoch`, in reading order."""
+        """This rank's files of `epoch`, in reading order; a file that failed mid-run is replaced by
+        the next good file of its batch (cyclically), so batch sizes and counts never change."""
         ds = self.dataset
         block = epoch_block(len(ds), self.data.seed, epoch, self.rank, self.steps_per_epoch * self.batch_size)
-        return [ds.files[i] for i in block], [ds.labels[i] for i in block]
+        files, labels = [ds.files[i] for i in block], [ds.labels[i] for i in block]
+        if self.midrun_bad:
+            n = self.batch_size
+            for start in range(0, len(files), n):
+                good = [j for j in range(start, start + n) if files[j] not in self.midrun_bad]
+                if not good:  # a whole batch gone bad: borrow from the block's good files
+                    good = [j for j in range(len(files)) if files[j] not in self.midrun_bad][:1]
+                    if not good:
+                        raise DataError(f"every file of rank {self.rank}'s epoch {epoch} failed to decode")
+                for j in range(start, start + n):
+                    if files[j] in self.midrun_bad:
+                        k = next((g for g in good if g > j), good[0])
+                        files[j], labels[j] = files[k], labels[k]
+        return files, labels
+
+    def data_identity(self) -> Optional[dict]:
+        """What the epochs are drawn from: the good files' count, a hash of their paths relative to
+        the root, and the count per class folder (to name what changed). None for webdataset."""
+        ds = self.dataset
+        if ds is None:
+            return None
+        rel = [os.path.relpath(f, ds.root) if ds.root else f for f in ds.files]
+        per_class: Dict[str, int] = {}
+        for label in ds.labels:
+            name = ds.classes[label] if ds.classes else str(label)
+            per_class[name] = per_class.get(name, 0) + 1
+        return {"num_files": len(rel), "sha256": hashlib.sha256("\n".join(rel).encode()).hexdigest(),
+                "per_class": per_class, "root": ds.root}
+
+    def _replace_failed(self, err: BaseException) -> bool:
+        """After DALI failed a batch: decode the files of the first batch not handed out and of the
+        batches in flight behind it; replace the bad ones and rebuild the rest of the epoch from that
+        batch. False when every file decodes (the error is not the data's: the caller re-raises)."""
+        if self.dataset is None:
+            return False
+        files, _ = self.epoch_files(self.epoch)
+        b, n = self.step_in_epoch, self.batch_size
+        window = files[b * n:(b + 2 + self.ahead_batches) * n]
+        found = {}
+        for path in dict.fromkeys(window):
+            reason = check_image(path)
+            if reason is not None:
+                found[path] = reason
+        if not found:
+            return False
+        for path, reason in found.items():
+            self.midrun_bad[path] = reason
+            self.bad_reasons[path] = reason
+            if path not in self.bad_files:
+                self.bad_files.append(path)
+            print(f"fast-ressl: rank {self.rank}: {path} failed to decode mid-run ({reason}); replaced "
+                  f"within its batch (epoch {self.epoch}, batch {b}); `fast-ressl scan` refreshes the "
+                  f"denylist", file=sys.stderr)
+        self._drop_ahead()
+        self._close()
+        self.segment_start = b
+        self._pipe, self._iter = self._make(self.epoch, None, prepare_first_batch=False)
+        self.builds.append(("segment", self.epoch))
+        return True
+
+    def _next_output(self) -> dict:
+        """The pipeline's next batch; a batch DALI fails because of a bad file is read again with
+        the file replaced (a few files at most per failure; gives up after 100 in a row)."""
+        for _ in range(100):
+            try:
+                return next(self._iter)[0]
+            except StopIteration:
+                raise
+            except Exception as err:  # noqa: BLE001 - DALI raises RuntimeError for a failed batch
+                if not self._replace_failed(err):
+                    raise
+        raise DataError(f"rank {self.rank}: 100 batches in a row failed to decode in epoch {self.epoch}")
 
     def _build(self, epoch: int, checkpoint: Optional[bytes]) -> None:
         """Build `epoch`'s pipeline here, on the caller's thread (start-up, restore)."""
@@ -186,8 +272,11 @@ class DaliTrainLoader(EndlessLoader):
         loader state, so it can run on the ahead thread. With prepare_first_batch the iterator runs
         the pipeline to its first batch in its constructor (DALI keeps the checkpoint semantics:
         `checkpoints()` is the initial one until a batch is consumed)."""
+        start = self.segment_start if epoch == self.epoch else 0
+        seed = _epoch_seed(self.data.seed, epoch, self.rank) if not start else \
+            int(np.random.SeedSequence([self.data.seed, epoch, self.rank, start]).generate_state(1)[0] & 0x7FFFFFFF)
         common = dict(batch_size=self.batch_size, num_threads=self.data.num_threads,
-                      device_id=_device_id(self.device), seed=_epoch_seed(self.data.seed, epoch, self.rank),
+                      device_id=_device_id(self.device), seed=seed,
                       prefetch_queue_depth=self.data.prefetch_queue_depth,
                       enable_checkpointing=True, checkpoint=checkpoint)
         if self.data.source == "webdataset":
@@ -198,8 +287,9 @@ class DaliTrainLoader(EndlessLoader):
                                   **common)
         else:
             files, labels = self.epoch_files(epoch)
-            pipe = train_pipeline(self.data, "files", gpu=self.gpu, debug=self.debug, files=files,
-                                  labels=labels, **common)
+            skip = start * self.batch_size  # a segment reads the epoch from its failed batch on
+            pipe = train_pipeline(self.data, "files", gpu=self.gpu, debug=self.debug, files=files[skip:],
+                                  labels=labels[skip:], **common)
         pipe.build()
         it = DALIGenericIterator(pipe, self.output_map, size=-1, auto_reset=False,
                                  prepare_first_batch=prepare_first_batch)
@@ -234,19 +324,24 @@ class DaliTrainLoader(EndlessLoader):
         if self.step_in_epoch >= self.steps_per_epoch:
             self.epoch += 1
             self.step_in_epoch = 0
+            self.segment_start = 0
             self._close()
             if self._ahead is not None and self._ahead.epoch == self.epoch:
                 t0 = time.perf_counter()
                 ready = self._ahead.done()
-                self._pipe, self._iter = self._ahead.get()
+                ahead, self._ahead = self._ahead, None
+                try:
+                    self._pipe, self._iter = ahead.get()
+                except Exception as err:  # noqa: BLE001 - its first batch failed: a bad file?
+                    if not self._replace_failed(err):
+                        raise
                 if not ready:
                     self.ahead_wait_s += time.perf_counter() - t0
-                self._ahead = None
         if self._iter is None:
             self._drop_ahead()
             self._build(self.epoch, base64.b64decode(self._restore) if self._restore else None)
             self._restore = None
-        out = next(self._iter)[0]
+        out = self._next_output()
         self.step_in_epoch += 1
         if (self.build_ahead and self._ahead is None
                 and self.steps_per_epoch - self.step_in_epoch <= self.ahead_batches):
@@ -265,20 +360,32 @@ class DaliTrainLoader(EndlessLoader):
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
-        """Plain types only (survives torch.save + torch.load(weights_only=True))."""
+        """Plain types only (survives torch.save + torch.load(weights_only=True)). Mid-run bad files
+        are stored relative to the data root (a copied dataset resumes too)."""
+        root = self.dataset.root if self.dataset is not None and self.dataset.root else ""
+        bad = [[os.path.relpath(p, root) if root else p, r] for p, r in sorted(self.midrun_bad.items())]
         if self.step_in_epoch >= self.steps_per_epoch:  # at an epoch boundary: no pipeline state
-            return {"epoch": self.epoch + 1, "step_in_epoch": 0, "pipeline": ""}
+            return {"epoch": self.epoch + 1, "step_in_epoch": 0, "pipeline": "", "segment": 0, "midrun_bad": bad}
         if self._iter is None:  # nothing handed out since build/restore
             return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                    "pipeline": self._restore or ""}
+                    "pipeline": self._restore or "", "segment": self.segment_start, "midrun_bad": bad}
         cpt = base64.b64encode(self._iter.checkpoints()[0]).decode("ascii")  # protobuf bytes -> str
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "pipeline": cpt}
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "pipeline": cpt,
+                "segment": self.segment_start, "midrun_bad": bad}
 
     def load_state_dict(self, state: dict) -> None:
         self._drop_ahead()
         self._close()
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
+        self.segment_start = int(state.get("segment", 0))
+        root = self.dataset.root if self.dataset is not None and self.dataset.root else ""
+        for rel, reason in state.get("midrun_bad", []):
+            path = os.path.normpath(os.path.join(root, rel)) if root else rel
+            self.midrun_bad[path] = reason
+            self.bad_reasons[path] = reason
+            if path not in self.bad_files:
+                self.bad_files.append(path)
         self._restore = str(state.get("pipeline") or "") or None  # base64 of DALI's checkpoint
         if self.step_in_epoch > 0 and self._restore is None:
             raise ValueError("loader state has batches handed out but no DALI pipeline checkpoint")
