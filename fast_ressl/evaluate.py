@@ -8,7 +8,8 @@
   validation set with the student backbone (eval mode, center crops), each rank its own block, gathers
   them and logs kNN top-1/top-5 to metrics.jsonl and the console. At the last epoch, with
   `eval.knn_compare_random=true`, it also prints the same number for the same backbone randomly
-  initialised (the demo's "did it learn" line).
+  initialised and for the raw pixels (`RawPixels`), all through the same kNN: the demo's "did it
+  learn" lines.
 - `linear_probe`: frozen backbone (eval mode), one Linear layer initialised N(0, 0.01), SGD lr 0.3,
   momentum 0.9, no weight decay, batch 256, cosine, RandomResizedCrop + flip (the paper's protocol);
   reports the FINAL epoch's top-1/top-5 (not the best).
@@ -253,6 +254,39 @@ def feature_dim(backbone: nn.Module) -> int:
     return getattr(backbone, "head_hidden_size", None) or backbone.num_features
 
 
+class RawPixels(nn.Module):
+    """The eval images themselves as "features": the center crops as the networks see them (resized,
+    normalised with data.mean/std), flattened to 3 * size**2 values. Used through the same
+    extraction, gather and kNN as a backbone, then mean-centred by `centre_pixels` (knn_classify
+    L2-normalises). The baseline a pretrained backbone should beat on small, aligned images: on the
+    embedded digits (8x8 px, centred) raw pixels are a strong kNN feature."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.num_features = 3 * size * size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().flatten(1)  # logical (C, H, W) order whatever the memory format
+
+
+def centre_pixels(train_feats: torch.Tensor, *others: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Subtract the training features' mean (per dimension) from every set: without it every pixel
+    vector shares the common mean image (dark background, bright centre) and cosine similarity is
+    dominated by it."""
+    mean = train_feats.mean(0, keepdim=True)
+    return (train_feats - mean, *(f - mean for f in others))
+
+
+def raw_pixel_knn(train_batches, val_batches, num_classes: int, size: int, device: torch.device,
+                  k: int = 200, temperature: float = 0.1) -> Dict[str, float]:
+    """kNN top-1/top-5 of the mean-centred raw pixels (one process; the monitor gathers instead)."""
+    px = RawPixels(size)
+    tf, tl = extract_features(px, train_batches, device)
+    vf, vl = extract_features(px, val_batches, device)
+    tf, vf = centre_pixels(tf, vf)
+    return topk_accuracy(knn_classify(tf, tl, vf, num_classes, k, temperature), vl)
+
+
 def load_backbone(path: str | os.PathLike, which: str = "student",
                   device: torch.device | str = "cpu") -> Tuple[nn.Module, Config, Path]:
     """(backbone, config, checkpoint path) from a run directory or checkpoint file."""
@@ -304,6 +338,7 @@ def knn_command(path: str, teacher: bool = False, train_root: Optional[str] = No
     if compare_random:
         rnd = build_backbone(cfg, None, seed=cfg.train.seed).to(dev).to(memory_format=torch.channels_last)
         res["random_init"] = knn_eval(rnd, tr, va, num_classes, dev, k, temperature)
+        res["raw_pixels"] = raw_pixel_knn(tr, va, num_classes, cfg.data.weak.size, dev, k, temperature)
     res["wall_s"] = round(time.perf_counter() - t0, 2)
     out_path = Path(out) if out else run_dir_of_checkpoint(ckpt) / "knn.json"
     log.write_json(out_path, res)
@@ -312,13 +347,20 @@ def knn_command(path: str, teacher: bool = False, train_root: Optional[str] = No
 
 
 def _knn_line(res: dict, k: int, temperature: float) -> str:
+    """One line for the pretrained backbone alone; with the baselines (compare_random) one line per
+    feature set, the same kNN for all three, with the pretrained backbone's margin over each."""
     p = res["pretrained"]
-    line = f"kNN (k={k}, T={temperature}) val top-1 {p['top1']:.2f}%  top-5 {p['top5']:.2f}%"
-    if "random_init" in res:
-        r = res["random_init"]
-        line = (f"kNN (k={k}, T={temperature}) val top-1: pretrained {p['top1']:.2f}% vs same backbone "
-                f"randomly initialised {r['top1']:.2f}% ({p['top1'] - r['top1']:+.2f} points)")
-    return line
+    head = f"kNN (k={k}, T={temperature}) val top-1"
+    if "random_init" not in res:
+        return f"{head} {p['top1']:.2f}%  top-5 {p['top5']:.2f}%"
+    lines = [f"{head}, one kNN function for all three feature sets:",
+             f"  pretrained backbone          {p['top1']:6.2f}%"]
+    for key, name, what in (("random_init", "same backbone, random init", "random init"),
+                            ("raw_pixels", "raw pixels (mean-centred)", "raw pixels")):
+        if key in res:
+            r = res[key]["top1"]
+            lines.append(f"  {name:<28} {r:6.2f}%   pretrained {p['top1'] - r:+.2f} points vs {what}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- online monitor
@@ -360,7 +402,7 @@ def _scanned_folder(cfg: Config, root: str, env: Any):
             path = _denylist_path(cfg, ds.root)
             bad = None if d.scan else {}
             if d.scan and os.path.exists(path):
-                num_files, known = read_denylist(path)
+                num_files, known = read_denylist(path, ds.root)
                 bad = known if num_files == len(ds.files) else None  # else the folder changed since
             listing = (ds, path, bad)
         except Exception as err:  # sent to every rank: the others must not wait for a listing
@@ -496,6 +538,8 @@ def _knn_pass(backbone: nn.Module, data: _MonitorData, env: Any, k: int,
               temperature: float) -> Tuple[Dict[str, float], List[int]]:
     """kNN top-1/top-5 of `backbone` (the same on every rank) and the images each rank extracted."""
     tf, tl, vf, vl, per_rank = _monitor_features(backbone, data, env)
+    if isinstance(backbone, RawPixels):  # identical on every rank: the gathered sets are
+        tf, vf = centre_pixels(tf, vf)
     return topk_accuracy(knn_classify(tf, tl, vf, data.num_classes, k, temperature), vl), per_rank
 
 
@@ -533,14 +577,17 @@ def knn_monitor(cfg: Config, env: Any, state: Any, meter: Any, epoch: int, total
         rnd = rnd.to(memory_format=torch.channels_last)
         res["random_init"], _ = _knn_pass(rnd, data, env, e.knn_k, e.knn_t)
         record["knn_top1_random_init"] = res["random_init"]["top1"]
+        # raw pixels through the same blocks, gather and kNN (cost: one pass over the cached crops)
+        res["raw_pixels"], _ = _knn_pass(RawPixels(cfg.data.weak.size), data, env, e.knn_k, e.knn_t)
+        record["knn_top1_raw_pixels"] = res["raw_pixels"]["top1"]
     if not env.is_main:
         return
     record["knn_s"] = round(time.perf_counter() - t0, 3)
     record["time"] = time.time()
     if meter.metrics is not None:
         meter.metrics.write(record)
-    log.info(f"epoch {epoch}/{total_epochs}: " + _knn_line(res, e.knn_k, e.knn_t)
-             + f"  [{record['knn_s']:.1f} s]")
+    head, _, rows = _knn_line(res, e.knn_k, e.knn_t).partition("\n")  # the figures stay the last lines
+    log.info(f"epoch {epoch}/{total_epochs}: {head}  [{record['knn_s']:.1f} s]" + (f"\n{rows}" if rows else ""))
     if compare:
         from .train import run_dir_of
 

@@ -166,7 +166,7 @@ def test_linear_probe_learns_separable_features(tmp_path):
 
 
 # ----------------------------------------------------------------------------- online monitor
-def test_online_knn_monitor_writes_metrics(tmp_path):
+def test_online_knn_monitor_writes_metrics(tmp_path, capsys):
     from fast_ressl.train import train
 
     cfg = _cfg(tmp_path, **{"train.epochs": 2, "train.precision": "fp32", "method.compile_loss": "false",
@@ -179,6 +179,66 @@ def test_online_knn_monitor_writes_metrics(tmp_path):
     assert "knn_top1_random_init" in knn[-1] and "knn_top1_random_init" not in knn[0]
     final = json.loads((tmp_path / "run" / "knn.json").read_text())
     assert final["pretrained"]["top1"] == knn[-1]["knn_top1"]
+    # the end-of-run comparison: three feature sets through the one kNN, recorded and printed last
+    assert final["random_init"]["top1"] == knn[-1]["knn_top1_random_init"]
+    assert final["raw_pixels"]["top1"] == knn[-1]["knn_top1_raw_pixels"]
+    dev = torch.device("cpu")
+    tr = E._CachedImages(E.eval_batches(cfg, E._dataset(cfg, cfg.data.root), dev))
+    va = E._CachedImages(E.eval_batches(cfg, E._dataset(cfg, cfg.data.val_root), dev))
+    assert final["raw_pixels"] == E.raw_pixel_knn(tr, va, 3, 32, dev, k=10, temperature=0.1)
+    rnd = E.build_backbone(cfg, None, seed=cfg.train.seed)
+    assert final["random_init"] == E.knn_eval(rnd, tr, va, 3, dev, k=10, temperature=0.1)
+    out = capsys.readouterr().out.splitlines()
+    # the comparison is the run's last output but for the closing summary lines (done ..., curves)
+    [i] = [n for n, line in enumerate(out) if "one kNN function for all three" in line]
+    assert out[i].startswith("epoch 2/2: kNN (k=10, T=0.1) val top-1") and out[i + 4].startswith("done")
+    p, r, x = (final[key]["top1"] for key in ("pretrained", "random_init", "raw_pixels"))
+    assert out[i + 1].strip() == f"pretrained backbone          {p:6.2f}%"
+    assert out[i + 2].split() == ["same", "backbone,", "random", "init", f"{r:.2f}%", "pretrained",
+                               f"{p - r:+.2f}", "points", "vs", "random", "init"]
+    assert out[i + 3].split() == ["raw", "pixels", "(mean-centred)", f"{x:.2f}%", "pretrained",
+                               f"{p - x:+.2f}", "points", "vs", "raw", "pixels"]
+
+
+def test_raw_pixel_knn_is_knn_classify_on_flattened_centred_pixels(tmp_path):
+    """Known answer: the raw-pixel baseline is knn_classify (same k, T, weighted vote) on the eval
+    crops flattened in (C, H, W) order, minus the training crops' mean; offline and in the monitor."""
+    from types import SimpleNamespace
+
+    cfg = _cfg(tmp_path, **{"data.weak.size": 16, "data.eval_resize": 16})
+    dev = torch.device("cpu")
+    tr = E._CachedImages(E.eval_batches(cfg, E._dataset(cfg, cfg.data.root), dev, 5))
+    va = E._CachedImages(E.eval_batches(cfg, E._dataset(cfg, cfg.data.val_root), dev, 5))
+    tx, ty = torch.cat([x for x, _ in tr]), torch.cat([y for _, y in tr])
+    vx, vy = torch.cat([x for x, _ in va]), torch.cat([y for _, y in va])
+    assert tx.shape == (24, 3, 16, 16) and vx.shape == (12, 3, 16, 16)
+    tf = tx.reshape(24, -1).float()
+    mean = tf.mean(0)
+    tf, vf = tf - mean, vx.reshape(12, -1).float() - mean
+    tf, vf = tf / tf.norm(dim=1, keepdim=True), vf / vf.norm(dim=1, keepdim=True)
+    want = E.topk_accuracy(E.knn_classify(tf, ty, vf, 3, k=7, temperature=0.1), vy)
+    assert E.raw_pixel_knn(tr, va, 3, 16, dev, k=7, temperature=0.1) == want
+
+    env = SimpleNamespace(device=dev, distributed=False, rank=0, world_size=1, is_main=True)
+    data = E._MonitorData()
+    data.train, data.val, data.train_size, data.val_size, data.num_classes = tr, va, 24, 12, 3
+    got, per_rank = E._knn_pass(E.RawPixels(16), data, env, 7, 0.1)
+    assert got == want and per_rank == [36]
+
+
+def test_raw_pixels_centring_removes_the_shared_image():
+    """Two classes that differ by a small pattern on a large shared image: uncentred, every cosine is
+    about 1 and the vote is decided by noise; centred, the pattern decides (100%)."""
+    g = torch.Generator().manual_seed(0)
+    shared = 10 * torch.ones(48)
+    pattern = torch.zeros(2, 48)
+    pattern[0, :24], pattern[1, 24:] = 1.0, 1.0
+    ty, vy = torch.arange(2).repeat(20), torch.arange(2).repeat(10)
+    tf = shared + pattern[ty] + 0.3 * torch.randn(40, 48, generator=g)
+    vf = shared + pattern[vy] + 0.3 * torch.randn(20, 48, generator=g)
+    ctf, cvf = E.centre_pixels(tf, vf)
+    assert torch.allclose(ctf.mean(0), torch.zeros(48), atol=1e-5)
+    assert E.topk_accuracy(E.knn_classify(ctf, ty, cvf, 2, k=10), vy)["top1"] == 100.0
 
 
 def test_eval_keys_are_validated_and_do_not_change_the_run_hash():

@@ -66,7 +66,7 @@ def test_two_ranks_shard_the_extraction_and_match_one_process(tmp_path):
     ref = E.knn_command(str(run), k=5, train_samples=21, compare_random=True, device="cpu",
                         out=str(tmp_path / "one_process.json"))
     assert (ref["train_samples"], ref["val_samples"]) == (21, 15)
-    for key in ("pretrained", "random_init"):
+    for key in ("pretrained", "random_init", "raw_pixels"):  # raw pixels: the same gather path
         assert monitor[key] == ref[key], key
     assert (record["knn_top1"], record["knn_top5"]) == (ref["pretrained"]["top1"], ref["pretrained"]["top5"])
 
