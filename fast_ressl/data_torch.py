@@ -19,7 +19,9 @@ batches handed out) and a restore gives the same next batches.
 """
 from __future__ import annotations
 
+import os
 import random
+import sys
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -27,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data import Batch, EndlessLoader, torch_dtype
-from .datasets import DataError, FileDataset, epoch_block, pil_rgb, prepare_dataset
+from .datasets import DataError, FileDataset, dataset_identity, epoch_block, pil_rgb, prepare_dataset
 
 
 class GaussianBlur:
@@ -96,8 +98,18 @@ class _TwoViewDataset(Dataset):
         seed = int(np.random.SeedSequence([self.seed, epoch, self.rank, pos]).generate_state(1)[0])
         torch.manual_seed(seed)
         random.seed(seed)
-        img = pil_rgb(self.ds.files[idx])  # decoded once, both views from it
-        return self.weak(img), [t(img) for t in self.strong], self.ds.labels[idx]
+        bad = []
+        for attempt in range(len(self.ds)):  # a file gone bad since the scan: the next good one
+            path = self.ds.files[(idx + attempt) % len(self.ds)]
+            try:
+                img = pil_rgb(path)  # decoded once, both views from it
+                break
+            except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad file
+                bad.append((path, f"{type(e).__name__}: {e}"))
+        else:
+            raise DataError(f"no file of {self.ds.root} decodes any more")
+        label = self.ds.labels[(idx + len(bad)) % len(self.ds)]
+        return self.weak(img), [t(img) for t in self.strong], label, bad
 
 
 class _Collate:
@@ -109,7 +121,7 @@ class _Collate:
         strong = [_to_out(torch.stack([it[1][v] for it in items]), self.dtype)
                   for v in range(len(items[0][1]))]
         labels = torch.tensor([it[2] for it in items], dtype=torch.int64)
-        return weak, strong, labels
+        return weak, strong, labels, [b for it in items for b in it[3]]
 
 
 class _Batches:
@@ -157,6 +169,7 @@ class TorchLoader(EndlessLoader):
         self.num_workers = d.num_threads if num_workers is None else num_workers
         self.dtype = torch_dtype(d.dtype)
         self._ds = _TwoViewDataset(self.dataset, cfg, rank)
+        self.midrun_bad: dict = {}  # files that failed to decode after the scan {path: reason}
         self.epoch, self.step_in_epoch = 0, 0
         self._it: Optional[Iterator] = None
         self._blocks: dict = {}
@@ -199,7 +212,14 @@ class TorchLoader(EndlessLoader):
         return next(self._it)
 
     def _advance(self, out) -> Batch:
-        weak, strong, labels = out
+        weak, strong, labels, bad = out
+        for path, reason in bad:  # replaced by the next good file of the dataset (deterministic)
+            if path not in self.midrun_bad:
+                self.midrun_bad[path] = reason
+                self.bad_reasons[path] = reason
+                self.bad_files.append(path)
+                print(f"fast-ressl: rank {self.rank}: {path} failed to decode mid-run ({reason}); replaced "
+                      "by the next good file; `fast-ressl scan` refreshes the denylist", file=sys.stderr)
         self.step_in_epoch += 1
         if self.step_in_epoch >= self.steps_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
@@ -217,12 +237,25 @@ class TorchLoader(EndlessLoader):
         except Exception:
             pass
 
+    def data_identity(self) -> dict:
+        """datasets.dataset_identity of the files the epochs are drawn from."""
+        return dataset_identity(self.dataset)
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+        """Position, and the files that failed mid-run (relative to the root) for the summary."""
+        root = self.dataset.root
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "midrun_bad": [[os.path.relpath(p, root) if root else p, r] for p, r in sorted(self.midrun_bad.items())]}
 
     def load_state_dict(self, state: dict) -> None:
         self.close()  # workers of the old position are dropped with the iterator
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        for rel, reason in state.get("midrun_bad", []):
+            path = os.path.normpath(os.path.join(self.dataset.root, rel)) if self.dataset.root else rel
+            if path not in self.midrun_bad:
+                self.midrun_bad[path] = reason
+                self.bad_reasons[path] = reason
+                self.bad_files.append(path)
 
 
 class _EvalDataset(Dataset):

@@ -159,6 +159,18 @@ def list_source(cfg) -> FileDataset:
     raise DataError(f"data.source={d.source} has no file listing")
 
 
+def dataset_identity(ds: FileDataset) -> dict:
+    """What a run's epochs are drawn from: the good files' count, a hash of their paths relative to
+    the root, and the count per class folder (to name what changed at a resume)."""
+    rel = [os.path.relpath(f, ds.root) if ds.root else f for f in ds.files]
+    per_class: Dict[str, int] = {}
+    for label in ds.labels:
+        name = ds.classes[label] if ds.classes else str(label)
+        per_class[name] = per_class.get(name, 0) + 1
+    return {"num_files": len(rel), "sha256": hashlib.sha256("\n".join(rel).encode()).hexdigest(),
+            "per_class": per_class, "root": ds.root}
+
+
 def epoch_block(n: int, seed: int, epoch: int, rank: int, per_rank: int) -> List[int]:
     """Indices rank `rank` reads in `epoch`, in order: the rank-th block of `per_rank` indices of a
     full permutation of range(n) seeded by (seed, epoch). Blocks of different ranks are disjoint; the

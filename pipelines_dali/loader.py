@@ -45,7 +45,6 @@ fp32 by DALI (it has no bf16) and cast in torch (one copy).
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 import sys
 import threading
@@ -57,7 +56,8 @@ import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from fast_ressl.data import Batch, EndlessLoader, torch_dtype
-from fast_ressl.datasets import DataError, FileDataset, check_image, epoch_block, prepare_dataset
+from fast_ressl.datasets import (DataError, FileDataset, check_image, dataset_identity, epoch_block,
+                                 prepare_dataset)
 
 from .pipeline import DEBUG_KEYS, eval_pipeline, train_pipeline
 
@@ -203,18 +203,8 @@ class DaliTrainLoader(EndlessLoader):
         return files, labels
 
     def data_identity(self) -> Optional[dict]:
-        """What the epochs are drawn from: the good files' count, a hash of their paths relative to
-        the root, and the count per class folder (to name what changed). None for webdataset."""
-        ds = self.dataset
-        if ds is None:
-            return None
-        rel = [os.path.relpath(f, ds.root) if ds.root else f for f in ds.files]
-        per_class: Dict[str, int] = {}
-        for label in ds.labels:
-            name = ds.classes[label] if ds.classes else str(label)
-            per_class[name] = per_class.get(name, 0) + 1
-        return {"num_files": len(rel), "sha256": hashlib.sha256("\n".join(rel).encode()).hexdigest(),
-                "per_class": per_class, "root": ds.root}
+        """datasets.dataset_identity of the files the epochs are drawn from; None for webdataset."""
+        return dataset_identity(self.dataset) if self.dataset is not None else None
 
     def _replace_failed(self, err: BaseException) -> bool:
         """After DALI failed a batch: decode the files of the first batch not handed out and of the

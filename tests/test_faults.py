@@ -328,6 +328,25 @@ def _torchrun(nproc, *over):
             f"--master_port={port}", "-m", "fast_ressl", "train", str(RECIPE), *TINY, *over]
 
 
+def test_torch_loader_replaces_a_file_gone_bad_after_the_scan(tmp_path):
+    """The torchvision reference loader (DataLoader workers): the sample is replaced by the next
+    good file and reported; the run finishes."""
+    root = tmp_path / "images"
+    make_jpeg_folder(root)
+    assert subprocess.run([sys.executable, "-m", "fast_ressl", "scan", str(root)], cwd=REPO, env=_env(),
+                          capture_output=True).returncode == 0
+    victim = root / "class_1" / "img_004.JPEG"
+    victim.write_bytes(b"garbage" * 50)
+    run = tmp_path / "run"
+    out = _train("data.source=folder", "data.loader=torch", f"data.root={root}", "train.epochs=2",
+                 f"run.dir={run}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["bad_files"] == [str(victim)]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["bad_file"] for r in rows if "bad_file" in r] == [str(victim)]
+
+
 def test_a_file_gone_bad_after_the_scan_is_replaced_and_reported(tmp_path):
     """A JPEG overwritten with garbage after the denylist was written used to kill the run (DALI
     fails the whole batch) at the same step on every relaunch. Two ranks: the file is replaced in
