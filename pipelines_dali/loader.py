@@ -74,13 +74,15 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def parse_ascii_labels(raw: torch.Tensor) -> torch.Tensor:
-    """(N, 12) uint8 ASCII digits padded with spaces/newlines -> (N,) int64."""
+    """(N, L) uint8 ASCII digits padded with spaces/newlines -> (N,) int64 (non-digit bytes skipped).
+
+    Vectorised (a handful of ops whatever L): the per-column loop it replaces issued ~3 ops per
+    byte column on every step. Labels come from DALI's CPU reader, so these are host ops."""
     raw = raw.reshape(raw.shape[0], -1).to(torch.int64)
-    digit = (raw >= 48) & (raw <= 57)
-    value = torch.zeros(raw.shape[0], dtype=torch.int64, device=raw.device)
-    for j in range(raw.shape[1]):
-        value = torch.where(digit[:, j], value * 10 + (raw[:, j] - 48), value)
-    return value
+    digit = ((raw >= 48) & (raw <= 57)).to(torch.int64)
+    seen = torch.cumsum(digit, dim=1)
+    after = seen[:, -1:] - seen  # digits to the right of each byte: its power of ten
+    return (digit * (raw - 48) * torch.pow(10, after)).sum(dim=1)
 
 
 def _to_torch_image(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
