@@ -501,14 +501,6 @@ class Loop:
                             self.total_steps // self.steps_per_epoch)
 
 
-def run_loop(cfg: Config, env: Env, s: State, loss_fn: Callable, bn_policy: str, steps_per_epoch: int,
-             total_steps: int, end_step: int, base_lr: float, ckpts: Optional[CheckpointDir],
-             meter: "_Meter", stop_flag: _SignalFlag, ema_fn: Callable = ema_update_) -> None:
-    """Set up a Loop and run it from s.step to end_step."""
-    Loop(cfg, env, s, loss_fn, bn_policy, steps_per_epoch, total_steps, base_lr, ckpts, meter, stop_flag,
-         ema_fn).run(end_step)
-
-
 def _wrap_student(student: torch.nn.Module, cfg: Config, env: Env) -> torch.nn.Module:
     """DDP wraps the student only (the teacher stays a plain frozen module); then torch.compile."""
     if env.distributed:
