@@ -43,6 +43,13 @@ class ModelConfig:
     # (1.4k digits, 176 steps) stopped collapsing to a uniform relation (loss stuck at log K) and its
     # kNN rose from 49.3% to 53.2% (measured; see configs/demo.yaml).
     proj_bn: bool = False
+    # BatchNorm1d without affine parameters on the projector's output (student and teacher), before
+    # the L2 normalisation. Why: in the demo's collapsed runs one direction shared by all keys grew
+    # from 33% to 83% of the projection's energy (effective rank 86 -> 15); neither the relation loss
+    # nor InfoNCE sees an offset common to every key, but after normalisation it makes every cosine
+    # alike, so the relation goes uniform. Centring each batch removes that direction. Off = the
+    # official head.
+    proj_out_bn: bool = False
     # Extended ReSSL (TPAMI 2024), our reading: Linear-BN-ReLU-Linear on the student only.
     predictor: bool = False
     pred_hidden_dim: int = 4096

@@ -28,7 +28,9 @@ class Encoder(nn.Module):
         self.projector = nn.Sequential(
             nn.Linear(feat, cfg.proj_hidden_dim),
             *([nn.BatchNorm1d(cfg.proj_hidden_dim)] if cfg.proj_bn else []), nn.ReLU(inplace=True),
-            nn.Linear(cfg.proj_hidden_dim, cfg.proj_dim))
+            nn.Linear(cfg.proj_hidden_dim, cfg.proj_dim),
+            # centres each batch's embeddings before the L2 normalisation: see ModelConfig.proj_out_bn
+            *([nn.BatchNorm1d(cfg.proj_dim, affine=False)] if cfg.proj_out_bn else []))
         self.predictor: nn.Module | None = None
         if cfg.predictor:  # extended ReSSL, our reading: Linear-BN-ReLU-Linear, student only
             self.predictor = nn.Sequential(

@@ -205,3 +205,20 @@ def test_strong_view_contrast_leaves_flat_dark_and_light_images_alone(tmp_path):
         levels = weak.flatten(1).mean(1)  # each flat image's level, unjittered
         assert set(levels.round().int().tolist()) <= {40, 60, 200, 215}
         assert (strong - levels.view(-1, 1, 1, 1)).abs().max() <= 1.5
+
+
+def test_projector_output_bn_centres_each_batch():
+    """model.proj_out_bn: BatchNorm1d without affine parameters on the projection, before the L2
+    normalisation: a direction shared by every key (the demo's collapse) is removed in train mode."""
+    cfg = ModelConfig(backbone="test_resnet", proj_hidden_dim=32, proj_dim=16, proj_out_bn=True)
+    student, teacher = build_student_teacher(cfg, torch.device("cpu"))
+    for net in (student, teacher):
+        out_bn = net.projector[-1]
+        assert isinstance(out_bn, nn.BatchNorm1d) and not out_bn.affine
+    with torch.no_grad():
+        student.projector[-2].bias.fill_(5.0)  # a large offset shared by every embedding
+    z = student(torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    assert z.mean(0).abs().max() < 1e-5  # centred per batch
+    plain, _ = build_student_teacher(ModelConfig(backbone="test_resnet", proj_hidden_dim=32, proj_dim=16),
+                                     torch.device("cpu"))
+    assert isinstance(plain.projector[-1], nn.Linear)  # off by default: the official head
