@@ -45,7 +45,10 @@ WORKDIR /opt/fast_ressl
 # Dependencies first, from setup.py alone, so that code edits do not re-download torch: installing
 # the project with only setup.py present installs all its install_requires (an empty package).
 COPY setup.py ./
-RUN pip install --no-cache-dir .
+# the plot extra (matplotlib): a run's curves.png is drawn at its end, in the container too.
+# DL3013 reads ".[plot]" as an unpinned package; it is this project, whose ranges live in setup.py.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[plot]"
 # Then the code itself, without touching the dependencies resolved above.
 COPY fast_ressl ./fast_ressl
 COPY pipelines_dali ./pipelines_dali

@@ -718,6 +718,11 @@ def cmd_bench(args) -> int:
     render_table(report, console)
     if s.out:
         console.print(f"wrote {s.out}", highlight=False)
+    if args.plot:  # after the JSON is written: a missing matplotlib costs no measurement
+        from .plot import plot_bench
+
+        png = plot_bench(report, Path(s.out or "bench.json").with_suffix(".png"))
+        console.print(f"wrote {png}", highlight=False)
     return 0
 
 
@@ -740,4 +745,6 @@ def add_cli_command(sub) -> None:
     p.add_argument("--iters", type=int, default=10, help="steps/batches per timed repeat (default 10)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (default 5)")
     p.add_argument("--out", default="bench.json", help="JSON report path (default bench.json)")
+    p.add_argument("--plot", action="store_true",
+                   help="also draw images/s per mode beside the JSON (.png; needs the plot extra)")
     p.set_defaults(func=cmd_bench)

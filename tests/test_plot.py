@@ -135,6 +135,20 @@ def test_bench_chart(tmp_path):
     _read_png(tmp_path / "b.png", ["step", "e2e"], kind="bench")
 
 
+def test_bench_plot_flag_draws_beside_the_json(tmp_path):
+    """`fast-ressl bench ... --plot`: a real (tiny) measurement, its chart beside the JSON."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "fast_ressl", "bench", "-", "data.source=synthetic", "data.num_samples=64",
+           "data.weak={size: 32}", "data.strong=[{size: 32}]", "model.backbone=test_resnet",
+           "model.proj_hidden_dim=32", "model.proj_dim=16", "method.queue_size=64", "train.batch_size=8",
+           "method.compile_loss=false", "--modes", "step", "--warmup", "1", "--iters", "1", "--repeats", "1",
+           "--out", str(out), "--plot"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"wrote {tmp_path / 'bench.png'}" in res.stdout
+    _read_png(tmp_path / "bench.png", ["step"], kind="bench")
+
+
 def test_missing_matplotlib_is_one_clear_line(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     _block_matplotlib(monkeypatch)
