@@ -730,10 +730,25 @@ def _finish(cfg: Config, s: State, run_dir: Path, total_steps: int, meter: Optio
     if env.is_main:
         log.write_json(run_dir / "summary.json", redact_obj(summary))
         loss = f"{summary['final_loss']:.4f}" if records else "n/a"
-        _info(env, f"done ({summary['status']}): step {s.step}/{total_steps}, final loss {loss}, "
-              f"{wall:.1f} s, {len(bad)} bad file(s), {s.skipped_steps} skipped step(s); "
-              f"summary in {run_dir / 'summary.json'}")
         from .plot import plot_after_run  # matplotlib only if installed; never fails the run
 
         plot_after_run(run_dir, lambda msg: _info(env, msg))
+        _info(env, f"done ({summary['status']}): step {s.step}/{total_steps}, final loss {loss}, "
+              f"{wall:.1f} s, {len(bad)} bad file(s), {s.skipped_steps} skipped step(s); "
+              f"summary in {run_dir / 'summary.json'}" + _knn_summary(run_dir, s.step))
     return summary
+
+
+def _knn_summary(run_dir: Path, step: int) -> str:
+    """The end-of-run kNN comparison (knn.json of this step, eval.knn_compare_random) as the last
+    line's tail, so the run's final words are the figures that say whether it learned."""
+    try:
+        knn = json.loads((run_dir / "knn.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    if knn.get("step") != step:
+        return ""
+    names = (("pretrained", "pretrained"), ("random_init", "same backbone random init"),
+             ("raw_pixels", "raw pixels"))
+    parts = [f"{label} {knn[key]['top1']:.2f}%" for key, label in names if isinstance(knn.get(key), dict)]
+    return f"\nkNN top-1 (k={knn.get('k')}, T={knn.get('temperature')}): " + ", ".join(parts) if parts else ""

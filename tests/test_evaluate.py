@@ -189,9 +189,13 @@ def test_online_knn_monitor_writes_metrics(tmp_path, capsys):
     rnd = E.build_backbone(cfg, None, seed=cfg.train.seed)
     assert final["random_init"] == E.knn_eval(rnd, tr, va, 3, dev, k=10, temperature=0.1)
     out = capsys.readouterr().out.splitlines()
-    # the comparison is the run's last output but for the closing summary lines (done ..., curves)
+    # the comparison comes right before the closing lines (curves, done), and the run's very last
+    # line restates its three figures
     [i] = [n for n, line in enumerate(out) if "one kNN function for all three" in line]
-    assert out[i].startswith("epoch 2/2: kNN (k=10, T=0.1) val top-1") and out[i + 4].startswith("done")
+    assert out[i].startswith("epoch 2/2: kNN (k=10, T=0.1) val top-1") and out[i + 4].startswith("curves")
+    assert out[i + 5].startswith("done") and i + 7 == len(out)
+    assert out[-1] == (f"kNN top-1 (k=10, T=0.1): pretrained {final['pretrained']['top1']:.2f}%, same backbone "
+                       f"random init {final['random_init']['top1']:.2f}%, raw pixels {final['raw_pixels']['top1']:.2f}%")
     p, r, x = (final[key]["top1"] for key in ("pretrained", "random_init", "raw_pixels"))
     assert out[i + 1].strip() == f"pretrained backbone          {p:6.2f}%"
     assert out[i + 2].split() == ["same", "backbone,", "random", "init", f"{r:.2f}%", "pretrained",
