@@ -95,7 +95,12 @@ class SyntheticSource:
         return {"position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])
+        """{"position"}, or the file loaders' epoch form {"epoch", "step_in_epoch"} (a resume on
+        another number of ranks restarts every loader at an epoch boundary that way)."""
+        if "position" in state:
+            self.position = int(state["position"])
+        else:
+            self.position = int(state["epoch"]) * self.steps_per_epoch + int(state["step_in_epoch"])
 
 
 def build_loader(cfg: Config, rank: int, world_size: int, device: torch.device) -> Any:

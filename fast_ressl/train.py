@@ -199,9 +199,7 @@ class State:
         self.scaler.load_state_dict(sd["scaler"])
         self.step, self.skipped_steps = int(sd["step"]), int(sd["skipped_steps"])
         if reshard:
-            epoch = self.step // self.loader.steps_per_epoch
-            self.loader.load_state_dict({"position": self.step} if hasattr(self.loader, "pool")  # synthetic
-                                        else {"epoch": epoch, "step_in_epoch": 0, "pipeline": ""})
+            self.loader.load_state_dict({"epoch": self.step // self.loader.steps_per_epoch, "step_in_epoch": 0})
             seed = (int(sd["config"]["train"]["seed"]) * 1_000_003 + self.step) * 1024 + env.rank
             random.seed(seed)
             torch.manual_seed(seed)
@@ -354,7 +352,7 @@ def _train(cfg: Config, env: Env, allow_config_change: bool, live: Optional[bool
            stop_flag: _SignalFlag, precision_note: str = "") -> dict:
     run_dir = run_dir_of(cfg)
     ckpts = CheckpointDir(run_dir / "checkpoints", cfg.train.keep_checkpoints, warn=lambda m: _info(env, m))
-    lock = _lock_run_dir(run_dir, env)
+    lock = _lock_run_dir(run_dir, env, ckpts)
     try:
         return _train_locked(cfg, env, allow_config_change, live, stop_flag, precision_note, run_dir, ckpts)
     finally:
@@ -362,7 +360,7 @@ def _train(cfg: Config, env: Env, allow_config_change: bool, live: Optional[bool
             lock.release()
 
 
-def _lock_run_dir(run_dir: Path, env: Env) -> Optional[RunLock]:
+def _lock_run_dir(run_dir: Path, env: Env, ckpts: CheckpointDir) -> Optional[RunLock]:
     """Rank 0 takes the run directory's lock (one writer per run dir) and removes the temporary
     checkpoint files a killed writer left; every rank fails when the lock is held elsewhere."""
     lock, busy = None, ""
@@ -375,9 +373,8 @@ def _lock_run_dir(run_dir: Path, env: Env) -> Optional[RunLock]:
     if busy:
         raise RunDirBusy(busy)
     if env.is_main:
-        ckpts_root = run_dir / "checkpoints"
-        ckpts_root.mkdir(parents=True, exist_ok=True)
-        removed = CheckpointDir(ckpts_root).remove_orphans()
+        ckpts.root.mkdir(parents=True, exist_ok=True)
+        removed = ckpts.remove_orphans()
         if removed:
             _info(env, f"removed {len(removed)} temporary checkpoint file(s) left by a killed run: "
                   + ", ".join(p.name for p in removed))
