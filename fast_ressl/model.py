@@ -136,11 +136,15 @@ def group_batchnorm(module: nn.Module, group_size: int) -> int:
     returns how many."""
     count = 0
     for m in module.modules():
-        if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
-            m.__class__ = type(f"Grouped{type(m).__name__}", (GroupedBatchNorm, type(m)), {})
+        if type(m) in _GROUPED:
+            m.__class__ = _GROUPED[type(m)]
             m.group_size = group_size
             count += 1
     return count
+
+
+# one grouped class per BatchNorm class (not one per converted module)
+_GROUPED = {bn: type(f"Grouped{bn.__name__}", (GroupedBatchNorm, bn), {}) for bn in (nn.BatchNorm1d, nn.BatchNorm2d)}
 
 
 # Start offsets inside a flat buffer are rounded up to this many elements (64 B for float32), so
