@@ -1,11 +1,13 @@
 """The GPU check in one call (`bash benchmarks/gpu_check.sh`, which runs this file).
 
-On a lent GPU machine, with DALI carried per ../shared/gpu/README.md (the parts copied to
-/tmp/dali-parts by earlier calls; this installs them when DALI is not importable yet), stages run
+On a lent GPU machine, with DALI carried as benchmarks/gpu_carry.sh prints (this installs it when
+it is not importable yet), stages run
 in this order, each under its own timeout and all under one wall-clock budget (default 570 s, so
 that the whole call stays within a 10-minute device command):
 
-  dali      DALI importable, else install-dali.sh on the carried parts
+  dali      DALI and omegaconf importable, else benchmarks/gpu_install.py on the parts carried
+            (benchmarks/gpu_carry.sh made them; the last one beside SHA256SUMS, the others copied
+            to /tmp/dali-parts by earlier calls)
   data      make-bench-data: --images ImageNet-like JPEGs in --parallel parts (different seeds),
             started first, in the background, merged into one class-folder tree
   pytest    pytest -m gpu (the GPU-marked tests)
@@ -50,8 +52,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="where the JSON, log and bench reports go (default $OUT, else bench_out/gpu_check)")
     p.add_argument("--work", default="/tmp/fast_ressl_gpu_check", help="scratch: JPEGs, run dirs, logs")
     p.add_argument("--budget", type=float, default=570.0, help="wall-clock seconds for everything (default 570)")
-    p.add_argument("--images", type=int, default=3072, help="benchmark JPEGs to make (default 3072)")
-    p.add_argument("--parallel", type=int, default=8, help="make-bench-data processes (default 8)")
+    p.add_argument("--images", type=int, default=16384,
+                   help="benchmark JPEGs to make (default 16384: 64 batches of 256, so a timed window "
+                   "crosses at most one epoch boundary; ~70 JPEGs/s per process measured here, 1.8 GB)")
+    p.add_argument("--parallel", type=int, default=12, help="make-bench-data processes (default 12)")
     p.add_argument("--models", default=",".join(MODELS), help="comma list of timm backbones to bench")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--size", type=int, default=224)
@@ -63,7 +67,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="bench timed repeats (default 3)")
     p.add_argument("--sync-steps", type=int, default=20, help="steps counted by the sync check (default 20)")
     p.add_argument("--dali-sums", default=str(REPO / ".device-carry" / "SHA256SUMS"),
-                   help="SHA256SUMS of the carried DALI parts (install-dali.sh beside it)")
+                   help="SHA256SUMS of the parts benchmarks/gpu_carry.sh made (the parts beside it or in "
+                   "/tmp/dali-parts)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                    help="cpu: a rehearsal of the script itself on a machine without a GPU (with small "
                    "--models/--size/--batch/--images; its figures mean nothing)")
@@ -214,16 +219,17 @@ def finish_data(job: Dict[str, Any], work: Path, runner: Runner, timeout: float)
 
 
 def dali_stage(py: str, runner: Runner, sums: Path) -> bool:
-    """True if DALI is importable at the end."""
-    check = [py, "-c", "import nvidia.dali as d; print('DALI', d.__version__)"]
+    """True if DALI (and omegaconf, which the GPU image lacks too) is importable at the end."""
+    check = [py, "-c", "import nvidia.dali, omegaconf"]
     if subprocess.run(check, capture_output=True).returncode == 0:
         runner.stages["dali"] = {"status": "ok", "note": "already installed"}
         return True
     if not sums.exists():
-        runner.skip("dali", f"DALI not importable and no carried parts ({sums} missing): see "
-                            "../shared/gpu/README.md; loader and e2e benches are skipped")
+        runner.skip("dali", f"DALI or omegaconf not importable and no carried parts ({sums} missing): "
+                            "see benchmarks/gpu_carry.sh; loader and e2e benches are skipped")
         return False
-    runner.run("dali", ["bash", str(sums.parent / "install-dali.sh"), str(sums)], timeout=240)
+    runner.run("dali", [py, str(REPO / "benchmarks" / "gpu_install.py"), "--sums", str(sums),
+                        "--parts-dir", "/tmp/dali-parts"], timeout=240)
     return subprocess.run(check, capture_output=True).returncode == 0
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check in one call, on a lent GPU machine (issue 10 item 8); see benchmarks/gpu_check.py
-# for the stages and outputs, or run with --help. Carry DALI first as ../shared/gpu/README.md says
-# (its parts in /tmp/dali-parts; .device-carry/SHA256SUMS and install-dali.sh carried with this
-# call): this installs it when `import nvidia.dali` fails. Without CUDA it says so and exits 2.
+# for the stages and outputs, or run with --help. Carry DALI and omegaconf first as
+# benchmarks/gpu_carry.sh prints (the last part and .device-carry/SHA256SUMS carried with this call):
+# this installs them when `import nvidia.dali, omegaconf` fails. Without CUDA it says so and exits 2.
 #
 #   bash benchmarks/gpu_check.sh                 # writes to $OUT (else bench_out/gpu_check)
 #   bash benchmarks/gpu_check.sh --help

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -26,10 +27,25 @@ _GRAY = ("camera", "coins", "moon", "brick", "grass", "gravel")
 
 
 def _photos() -> List[np.ndarray]:
+    """The bundled photographs as HWC uint8 RGB. One that this scikit-image cannot load (a version
+    that moved it to its download registry; the GPU machine has no internet) is left out with a
+    warning; fewer than 4 is an error (the set would be too uniform to be ImageNet-like)."""
     import skimage.data as sd
 
-    out = [np.ascontiguousarray(getattr(sd, n)()) for n in _RGB]
-    out += [np.repeat(getattr(sd, n)()[..., None], 3, axis=2) for n in _GRAY]
+    out, missing = [], []
+    for name in _RGB + _GRAY:
+        try:
+            img = np.asarray(getattr(sd, name)())
+        except Exception as e:  # noqa: BLE001 - AttributeError, or pooch's download error offline
+            missing.append(f"{name} ({type(e).__name__})")
+            continue
+        out.append(np.ascontiguousarray(img if img.ndim == 3 else np.repeat(img[..., None], 3, axis=2))[..., :3])
+    if missing:
+        print(f"make-bench-data: scikit-image could not load {', '.join(missing)}; using the other "
+              f"{len(out)} photographs", file=sys.stderr)
+    if len(out) < 4:
+        raise RuntimeError(f"make-bench-data: only {len(out)} of scikit-image's bundled photographs load "
+                           f"(missing: {', '.join(missing)}); it needs at least 4")
     return out
 
 
