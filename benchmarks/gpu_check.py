@@ -1,9 +1,8 @@
 """The GPU check in one call (`bash benchmarks/gpu_check.sh`, which runs this file).
 
 On a lent GPU machine, with DALI carried as benchmarks/gpu_carry.sh prints (this installs it when
-it is not importable yet), stages run
-in this order, each under its own timeout and all under one wall-clock budget (default 570 s, so
-that the whole call stays within a 10-minute device command):
+it is not importable yet), stages run in this order, each under its own timeout and all under one
+wall-clock budget (default 570 s, so that the whole call stays within a 10-minute device command):
 
   dali      DALI and omegaconf importable, else benchmarks/gpu_install.py on the parts carried
             (benchmarks/gpu_carry.sh made them; the last one beside SHA256SUMS, the others copied
@@ -16,14 +15,16 @@ that the whole call stays within a 10-minute device command):
             loader mode (the pipeline alone, the same for every backbone) with the first model
   sync      benchmarks/gpu_sync_check.py: host syncs per training step (ResNet-50 on the JPEGs)
   resume    benchmarks/gpu_resume_check.py: kill -9 + resume vs an uninterrupted run, bitwise
+  tune_loader  with what is left of the budget: the loader alone (fast preset) over a grid of DALI
+            settings (`bench --sweep`, --tune; default threads 4/8/12 x hw_decoder_load 0/0.65/0.95)
 
 A stage that fails or times out is recorded and the next one runs; a stage that no longer fits in
 the budget is recorded as skipped. Everything goes to --out (default $OUT, else
-bench_out/gpu_check), at most 5 files: gpu_check.json (machine, versions, settings, every stage's
-status, times and parsed results, the full bench reports), gpu_check.log (each stage's log tail),
-bench_<model>.json (the reports, for benchmarks/results/). Scratch files (JPEGs, run dirs) go to
---work. A short table is printed last. Exit status: 0 if every stage passed, 1 otherwise, 2 without
-CUDA.
+bench_out/gpu_check), at most 6 files (the device tool brings back 8): gpu_check.json (machine,
+versions, settings, every stage's status, times and parsed results, the full bench reports),
+gpu_check.log (each stage's log tail), bench_<model>.json and tune_loader.json (the reports, for
+benchmarks/results/). Scratch files (JPEGs, run dirs) go to --work. A short table is printed last.
+Exit status: 0 if every stage passed, 1 otherwise, 2 without CUDA.
 """
 from __future__ import annotations
 
@@ -72,8 +73,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                    help="cpu: a rehearsal of the script itself on a machine without a GPU (with small "
                    "--models/--size/--batch/--images; its figures mean nothing)")
-    p.add_argument("--skip", default="", help="comma list of stages to skip (dali, pytest, bench, sync, resume)")
-    return p.parse_args(argv)
+    p.add_argument("--skip", default="",
+                   help="comma list of stages to skip (dali, pytest, bench, sync, resume, tune)")
+    p.add_argument("--tune", action="append", default=None, metavar="KEY=V1,V2,...",
+                   help="the tune_loader stage's grid (bench --sweep; repeat per key; default "
+                   "data.num_threads=4,8,12 and data.hw_decoder_load=0,0.65,0.95)")
+    a = p.parse_args(argv)
+    a.tune = a.tune or ["data.num_threads=4,8,12", "data.hw_decoder_load=0,0.65,0.95"]
+    return a
 
 
 class Runner:
@@ -315,6 +322,9 @@ def stage_result(name: str, rec: Dict[str, Any]) -> str:
         return (f"{'bitwise equal' if res.get('ok') else 'NOT equal'}: killed at step {res.get('killed_at_step')}, "
                 f"{len(res.get('tensors_differ', []))}/{res.get('tensors_compared')} tensors differ, "
                 f"losses equal {res.get('losses_equal')}" + (f"; {res['error'][:120]}" if res.get("error") else ""))
+    if name == "tune_loader" and res and res.get("sweep", {}).get("best", {}).get("loader"):
+        b = res["sweep"]["best"]["loader"]
+        return f"fastest {b['variant']}: {b['median']:.0f} images/s, {b['vs_slowest']:.2f}x the slowest point"
     if name.startswith("bench_") and res:
         return f"report {len(res.get('runs', []))} variants x {len(res.get('settings', {}).get('modes', []))} modes"
     return (rec.get("log_tail") or [""])[-1][:140]
@@ -374,6 +384,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         rec["result"] = load_json(rj)
     for model in models[1:] if "bench" not in skip else []:
         bench(model, False)
+    if "tune" not in skip and bench_data is not None:
+        # what is left of the budget: the loader alone over a grid of DALI settings (issue 11's tuning)
+        tj = work / "tune_loader.json"
+        cmd = [py, "-m", "fast_ressl", "bench", "-", f"model.backbone={models[0] if models else MODELS[0]}",
+               f"train.batch_size={a.batch}", f"data.weak={{size: {a.size}}}", f"data.strong=[{{size: {a.size}}}]",
+               f"run.device={a.device}", "--presets", "fast", "--modes", "loader", "--data", str(bench_data),
+               "--warmup", str(a.warmup), "--iters", str(a.iters), "--repeats", "2", "--out", str(tj)]
+        for item in a.tune:
+            cmd += ["--sweep", item]
+        rec = runner.run("tune_loader", cmd, timeout=150)
+        rec["result"] = load_json(tj)
     return finish(a, argv, py, runner, info, out, work, models, threads)
 
 
@@ -386,11 +407,11 @@ def finish(a: argparse.Namespace, argv: Optional[List[str]], py: str, runner: Ru
               "wall_s": round(time.time() - runner.t0, 1), "stages": runner.stages}
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     with open(out / "gpu_check.log", "w") as f:
-        for name in ["dali", "pytest", *[f"bench_{m}" for m in models], "sync", "resume"]:
+        for name in ["dali", "pytest", *[f"bench_{m}" for m in models], "sync", "resume", "tune_loader"]:
             f.write(f"===== {name}\n" + "\n".join(tail(runner.logs / f"{name}.log", 200)) + "\n")
-    for model in models:
-        if (work / f"bench_{model}.json").exists():
-            shutil.copy(work / f"bench_{model}.json", out / f"bench_{model}.json")
+    for name in [f"bench_{m}.json" for m in models] + ["tune_loader.json"]:
+        if (work / name).exists():
+            shutil.copy(work / name, out / name)
     v = info.get("versions", {})
     smi = "; ".join(info["nvidia_smi"]) if isinstance(info["nvidia_smi"], list) else ""
     print(f"\nGPU check: {v.get('gpu')} ({smi}), torch {v.get('torch')}, DALI {v.get('nvidia.dali')}, "

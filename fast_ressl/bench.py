@@ -15,6 +15,11 @@ Variants
               non-fused SGD, and a Python loop over parameters for the EMA (`reference_ema_`).
   no_<x>      ablations (--ablate): the fast config with one switch off: channels_last, compile,
               fused (optimizer), amp (fp32 compute).
+  KEY=V ...   sweep points (--sweep KEY=V1,V2,... once per key): the fast config with every
+              combination of the swept values, named by its overrides; the report's `sweep` names
+              the fastest point per mode. For tuning in one process (DALI threads, hw_decoder_load,
+              prefetch depth, compile), e.g. `--presets fast --modes loader --sweep
+              data.num_threads=4,8,12 --sweep data.hw_decoder_load=0,0.65,0.9`.
 
 Honest timing: `step` and `e2e` run the training loop of `fast_ressl/train.py` itself: one
 `train.Loop` per (variant, mode), built with the models, optimizer and loss of the same helpers and
@@ -116,6 +121,75 @@ class BenchSettings:
     data: Optional[str] = None  # a JPEG class-folder root for loader/e2e (sets data.source=folder)
     out: Optional[str] = "bench.json"
     extra: Dict[str, Any] = field(default_factory=dict)
+    sweep: Sequence[tuple] = ()  # ((key, (value, ...)), ...): a grid of fast-config variants
+
+
+def parse_sweep(items: Sequence[str]) -> List[tuple]:
+    """['data.num_threads=4,8', 'model.compile=false,true'] -> [(key, (values...)), ...]. Values are
+    split on commas outside brackets and braces (`data.strong=[{size: 160}],[{size: 224}]`). An
+    unknown key fails later, in load_config, with its name."""
+    from .config import ConfigError
+
+    out, seen = [], set()
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--sweep {item!r}: expected KEY=V1,V2,... (a dotted config key)")
+        values, depth, cur = [], 0, ""
+        for ch in text:
+            if ch in "[{":
+                depth += 1
+            elif ch in "]}":
+                depth -= 1
+            if ch == "," and depth == 0:
+                values.append(cur.strip())
+                cur = ""
+            else:
+                cur += ch
+        values.append(cur.strip())
+        if any(v == "" for v in values):
+            raise ConfigError(f"--sweep {item!r}: an empty value")
+        if key in seen:
+            raise ConfigError(f"--sweep: {key} is swept twice")
+        seen.add(key)
+        out.append((key, tuple(values)))
+    return out
+
+
+def sweep_variants(sweep: Sequence[tuple]) -> List[Variant]:
+    """The grid's points (the last key varies fastest), each the fast config plus its overrides."""
+    import itertools
+
+    if not sweep:
+        return []
+    keys = [k for k, _ in sweep]
+    out = []
+    for combo in itertools.product(*(vals for _, vals in sweep)):
+        over = [f"{k}={v}" for k, v in zip(keys, combo)]
+        out.append(Variant(" ".join(over), over))
+    return out
+
+
+def sweep_best(runs: List[dict], sweep: Sequence[tuple]) -> Dict[str, Any]:
+    """Per mode: the sweep point with the highest median images/s, and how it compares with the
+    slowest point and with the plain fast config (when that ran too)."""
+    names = {v.name for v in sweep_variants(sweep)}
+    best: Dict[str, Any] = {}
+    modes = {m for r in runs for m in r["results"]}
+    for mode in sorted(modes):
+        pts = [(r["results"][mode]["median"], r["variant"]) for r in runs
+               if r["variant"] in names and "median" in r["results"].get(mode, {})]
+        if not pts:
+            continue
+        (top, name), (low, _) = max(pts), min(pts)
+        entry = {"variant": name, "median": top, "vs_slowest": top / low if low else None}
+        fast = next((r["results"][mode] for r in runs if r["variant"] == "fast"
+                     and "median" in r["results"].get(mode, {})), None)
+        if fast:
+            entry["vs_fast"] = top / fast["median"]
+        best[mode] = entry
+    return {"keys": [[k, list(v)] for k, v in sweep], "best": best}
 
 
 def reference_ema_(teacher_params: List[torch.Tensor], student_params: List[torch.Tensor], m: float,
@@ -146,7 +220,7 @@ def variants_for(settings: BenchSettings) -> List[Variant]:
         if name not in ABLATIONS:
             raise ValueError(f"unknown ablation {name!r} (one of {', '.join(ABLATIONS)})")
         out.append(Variant(f"no_{name}", list(ABLATIONS[name])))
-    return out
+    return out + sweep_variants(settings.sweep)
 
 
 # ----------------------------------------------------------------------------- measuring helpers
@@ -575,6 +649,9 @@ def run_bench(config: Optional[str], overrides: List[str], s: BenchSettings,
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
     variants = variants_for(s)
+    for v in variants:  # a bad key of any variant (a sweep's) fails now, before minutes of measuring
+        for mode in s.modes:
+            _cfg_for(config, overrides, v, mode, s)
     report: Dict[str, Any] = {
         "schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": argv if argv is not None else sys.argv, "machine": machine_info(),
@@ -604,6 +681,8 @@ def run_bench(config: Optional[str], overrides: List[str], s: BenchSettings,
                           f"(spread {res['spread_pct']:.0f}%)")
         report["runs"].append(run)
     report["ratios"] = _ratios(report["runs"])
+    if s.sweep:
+        report["sweep"] = sweep_best(report["runs"], s.sweep)
     report["machine"]["loadavg_end"] = _loadavg()
     if s.out:
         Path(s.out).parent.mkdir(parents=True, exist_ok=True)
@@ -711,11 +790,15 @@ def cmd_bench(args) -> int:
     ablate = list(ABLATIONS) if args.ablate == "all" else _split_list(args.ablate or "")
     s = BenchSettings(modes=_split_list(args.modes), variants=variants, ablate=ablate,
                       warmup=args.warmup, iters=args.iters, repeats=args.repeats, data=args.data,
-                      out=args.out)
+                      out=args.out, sweep=parse_sweep(args.sweep or []))
     config = None if args.config in ("-", "defaults") else args.config
     report = run_bench(config, overrides, s, argv=["fast-ressl", "bench", *sys.argv[2:]]
                        if sys.argv[1:2] == ["bench"] else None, console=console)
     render_table(report, console)
+    for mode, b in report.get("sweep", {}).get("best", {}).items():
+        vs = f", {b['vs_fast']:.2f}x the fast config" if "vs_fast" in b else ""
+        console.print(f"fastest sweep point ({mode}): {b['variant']}: {b['median']:.1f} images/s, "
+                      f"{b['vs_slowest']:.2f}x the slowest point{vs}", highlight=False)
     if s.out:
         console.print(f"wrote {s.out}", highlight=False)
     if args.plot:  # after the JSON is written: a missing matplotlib costs no measurement
@@ -739,6 +822,9 @@ def add_cli_command(sub) -> None:
     p.add_argument("--ablate", default="",
                    help="comma list of channels_last, compile, fused, amp (or 'all'): the fast "
                    "config with that one switch off")
+    p.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",
+                   help="also measure the fast config with each of these values of KEY (repeat for a "
+                   "grid of several keys); the fastest point per mode is printed and in the JSON")
     p.add_argument("--data", default=None, help="JPEG class-folder root for loader/e2e "
                    "(sets data.source=folder data.root=DIR)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps/batches first (default 3)")

@@ -9,6 +9,7 @@ from rich.console import Console
 from fast_ressl import bench
 from fast_ressl.benchdata import make_bench_data
 from fast_ressl.cli import main
+from fast_ressl.config import ConfigError
 
 TINY = ["model.backbone=test_resnet", "model.proj_hidden_dim=32", "model.proj_dim=16",
         "method.queue_size=64", "method.compile_loss=false", "data.weak={size: 32}",
@@ -246,3 +247,40 @@ def test_teacher_bn_sync_is_converted_like_training(monkeypatch):
     monkeypatch.setattr(T, "teacher_bn_policy", lambda cfg, env: "local")
     res = bench.bench_train(cfg, bench.BenchSettings(warmup=1, iters=1, repeats=1), bench.Variant("fast", []), "step")
     assert res["teacher_bn"] == "local" and res["teacher_sync_bn_layers"] == 0
+
+
+def test_sweep_measures_every_grid_point_and_names_the_fastest(tmp_path, bench_data):
+    root, _ = bench_data
+    sweep = bench.parse_sweep(["data.num_threads=1,2", "data.prefetch_queue_depth=1,2"])
+    s = bench.BenchSettings(modes=["loader"], variants=["fast"], data=str(root), out=str(tmp_path / "s.json"),
+                            sweep=sweep, **FAST)
+    report = bench.run_bench(None, TINY, s)
+    names = [r["variant"] for r in report["runs"]]
+    assert names == ["fast", "data.num_threads=1 data.prefetch_queue_depth=1",
+                     "data.num_threads=1 data.prefetch_queue_depth=2",
+                     "data.num_threads=2 data.prefetch_queue_depth=1",
+                     "data.num_threads=2 data.prefetch_queue_depth=2"]
+    for run in report["runs"][1:]:  # each point really ran with its values
+        want = dict(o.split("=") for o in run["overrides"])
+        got = run["config"]["data"]
+        assert (str(got["num_threads"]), str(got["prefetch_queue_depth"])) == (
+            want["data.num_threads"], want["data.prefetch_queue_depth"])
+        _check_result(run["results"]["loader"], "loader")
+    best = json.loads((tmp_path / "s.json").read_text())["sweep"]["best"]["loader"]
+    medians = {r["variant"]: r["results"]["loader"]["median"] for r in report["runs"]}
+    points = {k: v for k, v in medians.items() if k != "fast"}
+    assert best["variant"] == max(points, key=points.get) and best["median"] == max(points.values())
+    assert best["vs_slowest"] == pytest.approx(max(points.values()) / min(points.values()))
+    assert best["vs_fast"] == pytest.approx(best["median"] / medians["fast"])
+
+
+def test_sweep_parsing_and_errors(capsys):
+    assert bench.parse_sweep(["data.strong=[{size: 160}, {size: 96}],[{size: 224}]", "model.compile=false,true"]) == [
+        ("data.strong", ("[{size: 160}, {size: 96}]", "[{size: 224}]")), ("model.compile", ("false", "true"))]
+    for bad, msg in (("data.num_threads", "expected KEY=V1,V2"), ("data.num_threads=4,", "an empty value")):
+        with pytest.raises(ConfigError, match=msg):
+            bench.parse_sweep([bad])
+    # an unknown key of a sweep point is named before anything is measured
+    assert main(["bench", "-", *TINY, "--modes", "step", "--sweep", "data.bogus=1,2", "--out", "x.json"]) == 2
+    err = capsys.readouterr()
+    assert "data.bogus" in err.err and "images/s" not in err.out

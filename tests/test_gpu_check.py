@@ -96,3 +96,27 @@ def test_resume_check_compares_every_tensor():
     diff = gpu_resume_check.compare_checkpoints(a, b)
     assert [(d["name"], round(d["max_abs_diff"], 6)) for d in diff["tensors_differ"]] == [
         ("teacher.w", 0.5), ("optimizer.0.momentum_buffer", 1.0)]
+
+
+def test_cpu_rehearsal_runs_every_stage_and_reports(tmp_path):
+    """The whole script with --device cpu and tiny settings (its figures mean nothing): the stages
+    run in order, the reports come back under --out, and the table names each stage's result."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    q = _bash("--device", "cpu", "--models", "test_resnet", "--size", "32", "--batch", "8", "--images", "48",
+              "--parallel", "2", "--warmup", "1", "--iters", "1", "--repeats", "1", "--sync-steps", "3",
+              "--skip", "dali,pytest,resume", "--tune", "data.num_threads=1,2", "--out", str(out),
+              "--work", str(work))
+    assert q.returncode == 0, q.stdout[-3000:] + q.stderr[-3000:]
+    import json
+
+    rep = json.loads((out / "gpu_check.json").read_text())
+    assert list(rep["stages"]) == ["data", "bench_test_resnet", "sync", "tune_loader"]
+    assert all(r["status"] == "ok" for r in rep["stages"].values())
+    assert rep["stages"]["data"]["stats"]["images"] == 48
+    bench = json.loads((out / "bench_test_resnet.json").read_text())
+    assert [r["variant"] for r in bench["runs"]] == ["fast", "reference"]
+    assert set(bench["settings"]["modes"]) == {"loader", "step", "e2e"}
+    tune = json.loads((out / "tune_loader.json").read_text())
+    assert [r["variant"] for r in tune["runs"]] == ["fast", "data.num_threads=1", "data.num_threads=2"]
+    assert tune["sweep"]["best"]["loader"]["variant"] in ("data.num_threads=1", "data.num_threads=2")
+    assert "fastest data.num_threads=" in q.stdout and "host syncs/step" in q.stdout
