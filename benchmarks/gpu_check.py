@@ -319,9 +319,13 @@ def stage_result(name: str, rec: Dict[str, Any]) -> str:
         return (f"{res['syncs_per_step']} host syncs/step ({res['steps_counted']} non-log steps); "
                 f"log steps {res['log_syncs']}, side threads {res['side_thread_syncs']}")
     if name == "resume" and res:
-        return (f"{'bitwise equal' if res.get('ok') else 'NOT equal'}: killed at step {res.get('killed_at_step')}, "
-                f"{len(res.get('tensors_differ', []))}/{res.get('tensors_compared')} tensors differ, "
-                f"losses equal {res.get('losses_equal')}" + (f"; {res['error'][:120]}" if res.get("error") else ""))
+        ctl = "" if "repeatable" not in res else (
+            ", control run bit-identical" if res["repeatable"] else
+            f", control run NOT bit-identical (max loss diff {res['control']['max_loss_diff']})")
+        return (f"{'OK' if res.get('ok') else 'FAILED'} ({res.get('criterion', 'bitwise')}): killed at step "
+                f"{res.get('killed_at_step')}, {len(res.get('tensors_differ', []))}/{res.get('tensors_compared')} "
+                f"tensors differ, losses equal {res.get('losses_equal')}{ctl}"
+                + (f"; {res['error'][:120]}" if res.get("error") else ""))
     if name == "tune_loader" and res and res.get("sweep", {}).get("best", {}).get("loader"):
         b = res["sweep"]["best"]["loader"]
         return f"fastest {b['variant']}: {b['median']:.0f} images/s, {b['vs_slowest']:.2f}x the slowest point"

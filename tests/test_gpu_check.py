@@ -120,3 +120,26 @@ def test_cpu_rehearsal_runs_every_stage_and_reports(tmp_path):
     assert [r["variant"] for r in tune["runs"]] == ["fast", "data.num_threads=1", "data.num_threads=2"]
     assert tune["sweep"]["best"]["loader"]["variant"] in ("data.num_threads=1", "data.num_threads=2")
     assert "fastest data.num_threads=" in q.stdout and "host syncs/step" in q.stdout
+
+
+def test_resume_verdict_bitwise_or_to_the_control_runs_tolerance():
+    """A control run that repeats A bit for bit makes the verdict bitwise; one that does not (a
+    nondeterministic GPU kernel) makes it a tolerance as wide as the control's own distance (x2)."""
+    judge = gpu_resume_check.judge
+    la = {1: 5.0, 2: 4.5, 3: 4.25}
+    same = {"tensors_differ": []}
+    diff = {"tensors_differ": [{"name": "teacher.w", "max_abs_diff": 1e-7}]}
+    v = judge(la, dict(la), same, (dict(la), same), finished=True)
+    assert v["criterion"] == "bitwise" and v["repeatable"] and v["ok"]
+    v = judge(la, {**la, 3: 4.2500001}, same, (dict(la), same), finished=True)
+    assert v["criterion"] == "bitwise" and not v["ok"]  # the GPU repeats itself: any difference fails
+    noisy = {1: 5.0, 2: 4.5, 3: 4.25 + 1e-4}
+    v = judge(la, {**la, 3: 4.25 + 1.5e-4}, diff, (noisy, diff), finished=True)
+    assert v["criterion"] == "float tolerance" and not v["repeatable"] and v["ok"]
+    assert v["control"]["max_loss_diff"] == pytest.approx(1e-4) and v["control"]["tensors_differ"] == 1
+    v = judge(la, {**la, 3: 4.25 + 5e-4}, diff, (noisy, diff), finished=True)
+    assert v["criterion"] == "float tolerance" and not v["ok"]  # 5x the control's distance
+    assert not judge(la, dict(la), same, (dict(la), same), finished=False)["ok"]  # resume not reached
+    assert not judge(la, {1: 5.0, 2: 4.5}, same, (noisy, diff), finished=True)["ok"]  # a step missing
+    v = judge(la, dict(la), same, None, finished=True)
+    assert v["criterion"] == "bitwise" and v["ok"] and "repeatable" not in v
