@@ -2,7 +2,8 @@
 
 On a lent GPU machine, with DALI carried as benchmarks/gpu_carry.sh prints (this installs it when
 it is not importable yet), stages run in this order, each under its own timeout and all under one
-wall-clock budget (default 570 s, so that the whole call stays within a 10-minute device command):
+wall-clock budget (default 480 s: a session's 15 minutes of device time also pay for the machine's
+start, 1-2 min, and the two calls that carry DALI's first parts; a command may run 10 min at most):
 
   dali      DALI and omegaconf importable, else benchmarks/gpu_install.py on the parts carried
             (benchmarks/gpu_carry.sh made them; the last one beside SHA256SUMS, the others copied
@@ -38,7 +39,7 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("resnet50", "efficientnet_b0", "mobilenetv3_large_100")
@@ -52,7 +53,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "bench_out" / "gpu_check"),
                    help="where the JSON, log and bench reports go (default $OUT, else bench_out/gpu_check)")
     p.add_argument("--work", default="/tmp/fast_ressl_gpu_check", help="scratch: JPEGs, run dirs, logs")
-    p.add_argument("--budget", type=float, default=570.0, help="wall-clock seconds for everything (default 570)")
+    p.add_argument("--budget", type=float, default=480.0, help="wall-clock seconds for everything (default 480)")
     p.add_argument("--images", type=int, default=16384,
                    help="benchmark JPEGs to make (default 16384: 64 batches of 256, so a timed window "
                    "crosses at most one epoch boundary; ~70 JPEGs/s per process measured here, 1.8 GB)")
@@ -95,16 +96,25 @@ class Runner:
         self.stages: Dict[str, Dict[str, Any]] = {}
         self.env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                     "PYTHONUNBUFFERED": "1"}
+        # called after every stage: the report on disk is always current, so a call killed at the
+        # device's limit still brings back every finished stage
+        self.on_stage: Callable[[], None] = lambda: None
 
     def left(self) -> float:
         return self.deadline - time.time() - RESERVE_S
 
-    def skip(self, name: str, reason: str) -> Dict[str, Any]:
-        self.stages[name] = {"status": "skipped", "reason": reason}
-        print(f"[gpu_check] {name}: skipped ({reason})", flush=True)
-        return self.stages[name]
+    def record(self, name: str, rec: Dict[str, Any]) -> Dict[str, Any]:
+        self.stages[name] = rec
+        self.on_stage()
+        return rec
 
-    def run(self, name: str, cmd: List[str], timeout: float) -> Dict[str, Any]:
+    def skip(self, name: str, reason: str) -> Dict[str, Any]:
+        print(f"[gpu_check] {name}: skipped ({reason})", flush=True)
+        return self.record(name, {"status": "skipped", "reason": reason})
+
+    def run(self, name: str, cmd: List[str], timeout: float,
+            result: Optional[Callable[[], Any]] = None) -> Dict[str, Any]:
+        """Run `cmd` as stage `name`; `result()` (parsing the stage's output file) fills rec["result"]."""
         t = min(timeout, self.left())
         if t < MIN_STAGE_S:
             return self.skip(name, f"out of time: {max(0.0, self.left()):.0f} s of the budget left")
@@ -123,9 +133,10 @@ class Runner:
                 status = "timeout"
         rec = {"status": status, "rc": rc, "seconds": round(time.time() - start, 1), "timeout_s": round(t),
                "cmd": cmd, "log_tail": tail(log, 25)}
-        self.stages[name] = rec
+        if result is not None:
+            rec["result"] = result()
         print(f"[gpu_check] {name}: {status} (rc {rc}, {rec['seconds']} s)", flush=True)
-        return rec
+        return self.record(name, rec)
 
 
 def tail(path: Path, n: int) -> List[str]:
@@ -220,8 +231,8 @@ def finish_data(job: Dict[str, Any], work: Path, runner: Runner, timeout: float)
                         "mean_height": sum(s["mean_height"] * s["images"] for s in stats if s) / max(1, n)}
     else:
         rec["log_tail"] = tail(work / "logs" / "data_0.log", 15)
-    runner.stages["data"] = rec
     print(f"[gpu_check] data: {status} ({rec['seconds']} s)", flush=True)
+    runner.record("data", rec)
     return root if status == "ok" else None
 
 
@@ -229,7 +240,7 @@ def dali_stage(py: str, runner: Runner, sums: Path) -> bool:
     """True if DALI (and omegaconf, which the GPU image lacks too) is importable at the end."""
     check = [py, "-c", "import nvidia.dali, omegaconf"]
     if subprocess.run(check, capture_output=True).returncode == 0:
-        runner.stages["dali"] = {"status": "ok", "note": "already installed"}
+        runner.record("dali", {"status": "ok", "note": "already installed"})
         return True
     if not sums.exists():
         runner.skip("dali", f"DALI or omegaconf not importable and no carried parts ({sums} missing): "
@@ -348,25 +359,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     runner = Runner(work, a.budget)
     skip = set(filter(None, a.skip.split(",")))
     threads = a.threads or max(2, min(12, (os.cpu_count() or 8) - 4))
+    models = [m for m in a.models.split(",") if m]
+    info: Dict[str, Any] = {}
+    runner.on_stage = lambda: write_report(a, argv, runner, info, out, work, models, threads)
     data_job = start_data(py, work, a.images, a.parallel, runner.env)  # CPU work while the GPU stages run
     if "dali" in skip:  # no install; use DALI if it is there
         have_dali = subprocess.run([py, "-c", "import nvidia.dali"], capture_output=True).returncode == 0
     else:
         have_dali = dali_stage(py, runner, Path(a.dali_sums))
-    info = machine_info(py)  # after the DALI install: its version
+    info.update(machine_info(py))  # after the DALI install: its version
     if "pytest" not in skip:
         xml = work / "pytest_gpu.xml"
-        rec = runner.run("pytest", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests",
-                                    f"--junitxml={xml}"], timeout=150)
-        rec["result"] = pytest_summary(xml)
+        runner.run("pytest", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests",
+                              f"--junitxml={xml}"], timeout=150, result=lambda: pytest_summary(xml))
     data = finish_data(data_job, work, runner, timeout=150)
     bench_data = data if have_dali else None  # no DALI: step mode only
-    models = [m for m in a.models.split(",") if m]
 
     def bench(model: str, first: bool) -> None:
         rep = work / f"bench_{model}.json"
-        rec = runner.run(f"bench_{model}", bench_cmd(py, model, a, bench_data, threads, rep, first), timeout=150)
-        rec["result"] = load_json(rep)
+        runner.run(f"bench_{model}", bench_cmd(py, model, a, bench_data, threads, rep, first), timeout=150,
+                   result=lambda: load_json(rep))
 
     # the main model's bench, then the sync and resume checks, then the other models' benches
     if models and "bench" not in skip:
@@ -379,13 +391,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                f"data.num_threads={threads}", "--steps", str(a.sync_steps), "--log-every", "10",
                "--device", a.device, "--out", str(sj)]
         cmd += ["--data", str(bench_data)] if bench_data is not None else []
-        rec = runner.run("sync", cmd, timeout=100)
-        rec["result"] = load_json(sj)
+        runner.run("sync", cmd, timeout=100, result=lambda: load_json(sj))
     if "resume" not in skip:
         rj = work / "resume.json"
-        rec = runner.run("resume", [py, str(REPO / "benchmarks" / "gpu_resume_check.py"), "--work",
-                                    str(work / "resume"), "--device", a.device, "--out", str(rj)], timeout=150)
-        rec["result"] = load_json(rj)
+        runner.run("resume", [py, str(REPO / "benchmarks" / "gpu_resume_check.py"), "--work",
+                              str(work / "resume"), "--device", a.device, "--out", str(rj)], timeout=150,
+                   result=lambda: load_json(rj))
     for model in models[1:] if "bench" not in skip else []:
         bench(model, False)
     if "tune" not in skip and bench_data is not None:
@@ -397,14 +408,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                "--warmup", str(a.warmup), "--iters", str(a.iters), "--repeats", "2", "--out", str(tj)]
         for item in a.tune:
             cmd += ["--sweep", item]
-        rec = runner.run("tune_loader", cmd, timeout=150)
-        rec["result"] = load_json(tj)
-    return finish(a, argv, py, runner, info, out, work, models, threads)
+        runner.run("tune_loader", cmd, timeout=150, result=lambda: load_json(tj))
+    report = write_report(a, argv, runner, info, out, work, models, threads)
+    return print_summary(a, runner, info, out, models, report)
 
 
-def finish(a: argparse.Namespace, argv: Optional[List[str]], py: str, runner: Runner, info: Dict[str, Any],
-           out: Path, work: Path, models: List[str], threads: int) -> int:
-    """Write gpu_check.json, gpu_check.log and the bench reports to `out`; print the tables."""
+def write_report(a: argparse.Namespace, argv: Optional[List[str]], runner: Runner, info: Dict[str, Any],
+                 out: Path, work: Path, models: List[str], threads: int) -> Dict[str, Any]:
+    """gpu_check.json, gpu_check.log and the stage reports under `out`, as they stand now."""
     report = {"schema": "fast_ressl.gpu_check/1", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "command": ["bash", "benchmarks/gpu_check.sh", *(argv if argv is not None else sys.argv[1:])],
               "machine": info, "settings": dict(vars(a)), "threads": threads,
@@ -416,8 +427,14 @@ def finish(a: argparse.Namespace, argv: Optional[List[str]], py: str, runner: Ru
     for name in [f"bench_{m}.json" for m in models] + ["tune_loader.json"]:
         if (work / name).exists():
             shutil.copy(work / name, out / name)
+    return report
+
+
+def print_summary(a: argparse.Namespace, runner: Runner, info: Dict[str, Any], out: Path, models: List[str],
+                  report: Dict[str, Any]) -> int:
+    """The tables, printed last; the exit status."""
     v = info.get("versions", {})
-    smi = "; ".join(info["nvidia_smi"]) if isinstance(info["nvidia_smi"], list) else ""
+    smi = "; ".join(info["nvidia_smi"]) if isinstance(info.get("nvidia_smi"), list) else ""
     print(f"\nGPU check: {v.get('gpu')} ({smi}), torch {v.get('torch')}, DALI {v.get('nvidia.dali')}, "
           f"timm {v.get('timm')}; batch {a.batch}, {a.size} px, {a.precision}; {report['wall_s']} s; "
           f"JSON in {out / 'gpu_check.json'}")

@@ -143,3 +143,26 @@ def test_resume_verdict_bitwise_or_to_the_control_runs_tolerance():
     assert not judge(la, {1: 5.0, 2: 4.5}, same, (noisy, diff), finished=True)["ok"]  # a step missing
     v = judge(la, dict(la), same, None, finished=True)
     assert v["criterion"] == "bitwise" and v["ok"] and "repeatable" not in v
+
+
+def test_report_on_disk_after_every_stage_survives_a_kill(tmp_path):
+    """The device call can be cut off at its limit (rc 137) and still brings $OUT back: the report
+    there must already hold every finished stage when the process dies."""
+    import json
+    import signal
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    cmd = ["bash", str(SCRIPT), "--device", "cpu", "--models", "test_resnet", "--size", "32", "--batch", "8",
+           "--images", "32", "--parallel", "1", "--skip", "dali,pytest", "--out", str(out), "--work", str(work)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHON": sys.executable}, stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:  # the first bench starts once the data stage is recorded
+            if line.startswith("[gpu_check] bench_test_resnet:"):
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    rep = json.loads((out / "gpu_check.json").read_text())
+    assert rep["stages"]["data"]["status"] == "ok" and rep["stages"]["data"]["stats"]["images"] == 32
+    assert "bench_test_resnet" not in rep["stages"]
