@@ -78,10 +78,10 @@ last=$(ls "$out"/part-* | tail -1)
 for p in "$out"/part-*; do
   rp="${p#"$here"/}"
   if [ "$p" != "$last" ]; then
-    echo "  run(carry=[\"$rp\"], command=\"mkdir -p /tmp/dali-parts && cp $rp /tmp/dali-parts/ && ...\")"
+    echo "  run(carry=[\"$rp\"], timeout_s=120, command=\"mkdir -p /tmp/dali-parts && cp $rp /tmp/dali-parts/\")"
   else
-    echo "  run(carry=[\"$rp\", \"$rel/SHA256SUMS\"], command=\"bash benchmarks/gpu_check.sh ...\")"
+    echo "  run(carry=[\"$rp\", \"$rel/SHA256SUMS\"], timeout_s=570, command=\"bash benchmarks/gpu_check.sh\")"
   fi
 done
-echo "gpu_check.sh installs them with benchmarks/gpu_install.py (parts from /tmp/dali-parts and the"
-echo "carried ones); by hand: python3 benchmarks/gpu_install.py --sums $rel/SHA256SUMS"
+echo "gpu_check.sh unpacks them first (benchmarks/gpu_install.py: the last part beside SHA256SUMS, the"
+echo "others in /tmp/dali-parts); by hand: python3 benchmarks/gpu_install.py --sums $rel/SHA256SUMS"
