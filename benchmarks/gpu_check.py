@@ -304,10 +304,13 @@ def bench_rows(model: str, report: Dict[str, Any]) -> List[List[str]]:
         mem = (f"{fast['peak_memory_mb']:.0f}+{fast.get('outside_torch_mb', 0):.0f}"
                if "peak_memory_mb" in fast else (f"+{fast['outside_torch_mb']:.0f}" if "outside_torch_mb" in fast
                                                  else "-"))
+        tb = fast.get("time_breakdown") or {}
+        nets, busy = tb.get("networks_share"), tb.get("device_busy_fraction")
         rows.append([model, mode, _fmt(fast.get("median")), _fmt(ref.get("median")),
                      _fmt(ratio, ".2f") + ("x" if ratio else ""), ops, ref_ops,
                      "-" if wait is None else f"{100 * wait:.1f}%", mem,
-                     str(fast.get("epoch_boundaries_timed", "-"))])
+                     str(fast.get("epoch_boundaries_timed", "-")),
+                     "-" if nets is None else f"{100 * nets:.0f}%", "-" if busy is None else f"{100 * busy:.0f}%"])
     return rows
 
 
@@ -441,9 +444,10 @@ def print_summary(a: argparse.Namespace, runner: Runner, info: Dict[str, Any], o
     rows = [row for m in models for row in bench_rows(m, runner.stages.get(f"bench_{m}", {}).get("result") or {})]
     if rows:
         print("\nimages/s (median), fast vs reference; ops/step (bookkeeping); the fast path's data wait and "
-              "memory (torch peak + outside torch, MB); epoch boundaries inside its timed windows")
+              "memory (torch peak + outside torch, MB); epoch boundaries inside its timed windows; the fast "
+              "step's networks-alone share of its time and the GPU's busy fraction (bench's time_breakdown)")
         print(table(["model", "mode", "fast", "reference", "fast/ref", "ops fast", "ops ref", "wait", "mem MB",
-                     "bounds"], rows))
+                     "bounds", "nets", "busy"], rows))
     print()
     print(table(["stage", "status", "seconds", "result"],
                 [[n, r.get("status", "?"), _fmt(r.get("seconds"), ".0f"), stage_result(n, r)]

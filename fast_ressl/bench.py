@@ -55,6 +55,11 @@ Ops per step (step and e2e, measured after the timed repeats, never inside them)
 issues, those of the networks alone, and the difference (`bookkeeping_ops`, by op in
 `bookkeeping_by_op`). On a GPU each op is at least one kernel launch the host must issue.
 
+Where the time goes (step mode, after the op count): `breakdown.step_breakdown` times the networks
+alone (student forward + backward, teacher forward) against the measured step, and profiles two
+steps: the device's busy fraction on a GPU (launch-bound vs compute-bound) and the top ops by self
+time (`time_breakdown` in the JSON).
+
 FLOPs: torch's FlopCounterMode on one backbone forward per view size (projector excluded);
 per source image = 3 x F(strong view) per strong view (student forward + backward) + F(weak view)
 (teacher forward).
@@ -98,8 +103,10 @@ _BENCH_OVERRIDES = ["train.log_every=1000000000", "train.ckpt_every=1000000000",
                     "eval.knn_compare_random=false"]
 # torch's own defaults for the flags train.configure_backends sets: the reference runs with these.
 TORCH_DEFAULT_BACKENDS = {"cudnn.benchmark": False, "cudnn.allow_tf32": True, "cuda.matmul.allow_tf32": False}
-# Steps opcount.step_op_counts advances the loop by (+1 batch it reads for the networks-alone passes).
+# Steps opcount.step_op_counts advances the loop by (+1 batch it reads for the networks-alone passes),
+# and breakdown.step_breakdown (step mode) likewise.
 _OPCOUNT_STEPS = 3
+_BREAKDOWN_STEPS = 3
 
 
 @dataclass
@@ -514,6 +521,7 @@ def bench_train(cfg: Config, s: BenchSettings, variant: Variant, mode: str) -> D
     import torch
     from . import train as T
     from .data import SyntheticSource, build_loader
+    from .breakdown import step_breakdown
     from .opcount import step_op_counts
     from .optim import build_optimizer
     from .ressl import Queue
@@ -539,7 +547,8 @@ def bench_train(cfg: Config, s: BenchSettings, variant: Variant, mode: str) -> D
     state = T.State(student, teacher, queue, optimizer, scaler, timed)
     steps_per_epoch = loader.steps_per_epoch
     warmup = max(1, s.warmup)  # compile, autotune, loader start-up: at least one step
-    total_steps = max(cfg.train.epochs * steps_per_epoch, warmup + s.iters * s.repeats + _OPCOUNT_STEPS + 2)
+    total_steps = max(cfg.train.epochs * steps_per_epoch,
+                      warmup + s.iters * s.repeats + _OPCOUNT_STEPS + _BREAKDOWN_STEPS + 2)
     batch_size = cfg.train.batch_size
     ema_fn = reference_ema_ if variant.ema == "python-loop" else None
     with tempfile.TemporaryDirectory(prefix="fast-ressl-bench-") as tmp:
@@ -570,6 +579,8 @@ def bench_train(cfg: Config, s: BenchSettings, variant: Variant, mode: str) -> D
             peak = _peak_memory_mb(dev)
             boundaries = _boundary_report(loader, warmup, state.step, builds, wait0)
             ops = step_op_counts(loop)  # after the timed repeats: the profiler never runs in them
+            if mode == "step":  # where the step's time goes (e2e adds the data wait, reported apart)
+                ops["time_breakdown"] = step_breakdown(loop, 1000 * batch_size / statistics.median(rates))
         finally:
             meter.close()
             _close_loader(loader)
@@ -761,6 +772,11 @@ def result_cells(mode: str, variant: str, res: Dict[str, Any], ratios: Dict[str,
                        else f"peak {res['peak_memory_mb']:.0f} MB")
     if "outside_torch_mb" in res:
         details.append(f"+{res['outside_torch_mb']:.0f} MB outside torch")
+    tb = res.get("time_breakdown")
+    if tb and tb.get("networks_share") is not None:
+        details.append(f"networks {100 * tb['networks_share']:.0f}% of the step")
+    if tb and tb.get("device_busy_fraction") is not None:
+        details.append(f"GPU busy {100 * tb['device_busy_fraction']:.0f}%")
     if res.get("epoch_boundaries_timed"):
         builds = f", {res['sync_builds_timed']} sync builds" if res.get("sync_builds_timed") else ""
         details.append(f"{res['epoch_boundaries_timed']} epoch boundaries timed{builds}")

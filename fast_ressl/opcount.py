@@ -13,7 +13,7 @@ EMA, queue and metrics.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 
@@ -36,18 +36,11 @@ def top_level_aten_ops(fn: Callable[[], Any]) -> Counter:
     return counts
 
 
-def step_op_counts(loop: Any) -> Dict[str, Any]:
-    """Profile one step of a set-up `train.Loop` (run one warm-up step first: compile, lazy state),
-    then the networks alone. Returns {"ops_per_step", "network_ops", "bookkeeping_ops",
-    "bookkeeping_share", "bookkeeping_by_op"}. Advances the loop by three steps; the networks-alone
-    passes leave parameters, BN statistics and gradients as they found them."""
+def network_passes(loop: Any) -> Tuple[Callable[[], None], Callable[[], None], Callable[[], None]]:
+    """The networks of one step of `loop`, alone, on its next batch: (student forward + backward of
+    the strong views, teacher forward of the weak view, restore). The passes change BN statistics
+    and gradients; restore() puts both back as they were when this was called."""
     s = loop.s
-    # run(end) logs (host sync, metrics) at its last step; a 2-step window minus a 1-step window is
-    # one ordinary step, as in training between log intervals
-    one = top_level_aten_ops(lambda: loop.run(s.step + 1))
-    total = top_level_aten_ops(lambda: loop.run(s.step + 2))
-    total.subtract(one)
-    total = +total  # drop the zero and (noise) negative entries
     batch = next(loop.data)
     x_weak, x_strong = loop.prep(batch.x_weak), [loop.prep(x) for x in batch.x_strong]
     saved = [f.clone() for f in loop.guard.flats]
@@ -64,10 +57,29 @@ def step_op_counts(loop: Any) -> Dict[str, Any]:
         with torch.no_grad(), loop.amp:
             loop.teacher(x_weak)
 
+    def restore() -> None:
+        s.optimizer.zero_grad(set_to_none=True)
+        for flat, old in zip(loop.guard.flats, saved):
+            flat.copy_(old)
+
+    return student_fwd_bwd, teacher_fwd, restore
+
+
+def step_op_counts(loop: Any) -> Dict[str, Any]:
+    """Profile one step of a set-up `train.Loop` (run one warm-up step first: compile, lazy state),
+    then the networks alone. Returns {"ops_per_step", "network_ops", "bookkeeping_ops",
+    "bookkeeping_share", "bookkeeping_by_op"}. Advances the loop by three steps; the networks-alone
+    passes leave parameters, BN statistics and gradients as they found them."""
+    s = loop.s
+    # run(end) logs (host sync, metrics) at its last step; a 2-step window minus a 1-step window is
+    # one ordinary step, as in training between log intervals
+    one = top_level_aten_ops(lambda: loop.run(s.step + 1))
+    total = top_level_aten_ops(lambda: loop.run(s.step + 2))
+    total.subtract(one)
+    total = +total  # drop the zero and (noise) negative entries
+    student_fwd_bwd, teacher_fwd, restore = network_passes(loop)
     nets = top_level_aten_ops(student_fwd_bwd) + top_level_aten_ops(teacher_fwd)
-    s.optimizer.zero_grad(set_to_none=True)
-    for flat, old in zip(loop.guard.flats, saved):
-        flat.copy_(old)
+    restore()
     n_total, n_nets = sum(total.values()), sum(nets.values())
     extra = total.copy()
     extra.subtract(nets)

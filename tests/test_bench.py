@@ -37,6 +37,19 @@ def _check_result(res, mode):
         assert res["bookkeeping_share"] == round(res["bookkeeping_ops"] / res["ops_per_step"], 4)
         assert sum(res["bookkeeping_by_op"].values()) == res["bookkeeping_ops"]
         assert all(name.startswith("aten::") for name in res["bookkeeping_by_op"])
+    if mode == "step":  # where the time goes: networks alone vs the measured step, and a profile
+        tb = res["time_breakdown"]
+        assert tb["step_ms"] == pytest.approx(1000 * res["batch_size"] / res["median"], rel=1e-3)
+        assert tb["student_fwd_bwd_ms"] > 0 and tb["teacher_fwd_ms"] > 0
+        assert tb["other_ms"] == pytest.approx(tb["step_ms"] - tb["student_fwd_bwd_ms"] - tb["teacher_fwd_ms"],
+                                               abs=2e-3)
+        assert tb["time_kind"].startswith("cpu") and "device_busy_fraction" not in tb  # CPU here
+        assert 0 < len(tb["top_ops"]) <= 10 and 0 < sum(o["share"] for o in tb["top_ops"]) <= 1.0001
+        assert all(o["ms_per_step"] > 0 for o in tb["top_ops"])
+        assert [o["ms_per_step"] for o in tb["top_ops"]] == sorted((o["ms_per_step"] for o in tb["top_ops"]),
+                                                                   reverse=True)
+    else:
+        assert "time_breakdown" not in res
     # what the timed batches crossed: FAST times warmup + 1 .. warmup + iters * repeats
     assert res["epoch_boundaries_timed"] == bench.epoch_boundaries(
         FAST["warmup"], FAST["warmup"] + FAST["iters"] * FAST["repeats"], res["steps_per_epoch"])
