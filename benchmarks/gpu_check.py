@@ -374,7 +374,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "pytest" not in skip:
         xml = work / "pytest_gpu.xml"
         runner.run("pytest", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests",
-                              f"--junitxml={xml}"], timeout=150, result=lambda: pytest_summary(xml))
+                              f"--junitxml={xml}"], timeout=200, result=lambda: pytest_summary(xml))
     data = finish_data(data_job, work, runner, timeout=150)
     bench_data = data if have_dali else None  # no DALI: step mode only
 
