@@ -438,3 +438,31 @@ def test_gpu_epochs_built_ahead_match_epochs_built_on_the_boundary(jpeg_folder):
     got, want = [next(ahead) for _ in range(n)], [next(plain) for _ in range(n)]
     assert [kind for kind, _ in ahead.builds] == ["sync", "ahead", "ahead", "ahead"]
     assert_same_batches(want, got)
+
+
+@pytest.mark.gpu
+def test_gpu_hardware_decoder_share_changes_speed_not_images(tmp_path):
+    """data.hw_decoder_load splits the batch between the GPU's JPEG engines and the CUDA decoder:
+    0 (none on the engines) and 0.95 give the same views of the same files (the same seeds: the same
+    crops, flips and jitter), up to the decoders' rounding. ImageNet-sized JPEGs, as the engines
+    take only images above a minimum size."""
+    from fast_ressl.benchdata import make_bench_data
+
+    root = tmp_path / "jpegs"
+    make_bench_data(root, images=32, classes=2, quiet=True)
+    dev = torch.device("cuda", 0)
+    got = {}
+    for load in (0.0, 0.95):
+        cfg = _cfg(root, **{"data.hw_decoder_load": load, "data.weak.size": 224,
+                            "data.strong": "[{size: 224}]", "train.batch_size": 16})
+        L = DaliTrainLoader(cfg, 0, 1, dev, progress=False)
+        b = next(L)
+        for x in (b.x_weak, b.x_strong[0]):
+            assert x.shape == (16, 3, 224, 224) and x.device.type == "cuda" and x.dtype == torch.float16
+            assert x.is_contiguous(memory_format=torch.channels_last) and torch.isfinite(x).all()
+        got[load] = b
+    a, c = got[0.0], got[0.95]
+    assert torch.equal(a.labels, c.labels)
+    for x, y in ((a.x_weak, c.x_weak), (a.x_strong[0], c.x_strong[0])):
+        # normalised units (1/255 of a level is ~0.017): the decoders agree to about a level on average
+        assert (x.float() - y.float()).abs().mean().item() < 0.05
