@@ -18,13 +18,14 @@ start, 1-2 min, and the two calls that carry DALI's first parts; a command may r
   resume    benchmarks/gpu_resume_check.py: kill -9 + resume vs an uninterrupted run, bitwise
   tune_loader  with what is left of the budget: the loader alone (fast preset) over a grid of DALI
             settings (`bench --sweep`, --tune; default threads 4/8/12 x hw_decoder_load 0/0.65/0.95)
+  tune_step the first model's step with the networks compiled too (model.compile=true) vs without
 
 A stage that fails or times out is recorded and the next one runs; a stage that no longer fits in
 the budget is recorded as skipped. Everything goes to --out (default $OUT, else
-bench_out/gpu_check), at most 6 files (the device tool brings back 8): gpu_check.json (machine,
+bench_out/gpu_check), at most 7 files (the device tool brings back 8): gpu_check.json (machine,
 versions, settings, every stage's status, times and parsed results, the full bench reports),
-gpu_check.log (each stage's log tail), bench_<model>.json and tune_loader.json (the reports, for
-benchmarks/results/). Scratch files (JPEGs, run dirs) go to --work. A short table is printed last.
+gpu_check.log (each stage's log tail), bench_<model>.json, tune_loader.json and tune_step.json (the
+reports, for benchmarks/results/). Scratch files (JPEGs, run dirs) go to --work. A short table is printed last.
 Exit status: 0 if every stage passed, 1 otherwise, 2 without CUDA.
 """
 from __future__ import annotations
@@ -75,7 +76,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="cpu: a rehearsal of the script itself on a machine without a GPU (with small "
                    "--models/--size/--batch/--images; its figures mean nothing)")
     p.add_argument("--skip", default="",
-                   help="comma list of stages to skip (dali, pytest, bench, sync, resume, tune)")
+                   help="comma list of stages to skip (dali, pytest, bench, sync, resume, tune = "
+                   "tune_loader + tune_step)")
     p.add_argument("--tune", action="append", default=None, metavar="KEY=V1,V2,...",
                    help="the tune_loader stage's grid (bench --sweep; repeat per key; default "
                    "data.num_threads=4,8,12 and data.hw_decoder_load=0,0.65,0.95)")
@@ -343,6 +345,9 @@ def stage_result(name: str, rec: Dict[str, Any]) -> str:
     if name == "tune_loader" and res and res.get("sweep", {}).get("best", {}).get("loader"):
         b = res["sweep"]["best"]["loader"]
         return f"fastest {b['variant']}: {b['median']:.0f} images/s, {b['vs_slowest']:.2f}x the slowest point"
+    if name == "tune_step" and res and res.get("sweep", {}).get("best", {}).get("step"):
+        b = res["sweep"]["best"]["step"]
+        return f"{b['variant']}: {b['median']:.0f} images/s, {b.get('vs_fast', float('nan')):.2f}x the fast default"
     if name.startswith("bench_") and res:
         return f"report {len(res.get('runs', []))} variants x {len(res.get('settings', {}).get('modes', []))} modes"
     return (rec.get("log_tail") or [""])[-1][:140]
@@ -402,7 +407,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    result=lambda: load_json(rj))
     for model in models[1:] if "bench" not in skip else []:
         bench(model, False)
-    if "tune" not in skip and bench_data is not None:
+    if not skip & {"tune", "tune_loader"} and bench_data is not None:
         # what is left of the budget: the loader alone over a grid of DALI settings (issue 11's tuning)
         tj = work / "tune_loader.json"
         cmd = [py, "-m", "fast_ressl", "bench", "-", f"model.backbone={models[0] if models else MODELS[0]}",
@@ -412,6 +417,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         for item in a.tune:
             cmd += ["--sweep", item]
         runner.run("tune_loader", cmd, timeout=150, result=lambda: load_json(tj))
+    if not skip & {"tune", "tune_step"}:
+        # the step with the networks compiled too (model.compile=true) against the fast default
+        sj2 = work / "tune_step.json"
+        cmd = [py, "-m", "fast_ressl", "bench", "-", f"model.backbone={models[0] if models else MODELS[0]}",
+               f"train.batch_size={a.batch}", f"train.precision={a.precision}", f"data.weak={{size: {a.size}}}",
+               f"data.strong=[{{size: {a.size}}}]", f"run.device={a.device}", "--presets", "fast", "--modes",
+               "step", "--warmup", str(a.warmup), "--iters", str(a.iters), "--repeats", "2", "--out", str(sj2),
+               "--sweep", "model.compile=true"]
+        runner.run("tune_step", cmd, timeout=180, result=lambda: load_json(sj2))
     report = write_report(a, argv, runner, info, out, work, models, threads)
     return print_summary(a, runner, info, out, models, report)
 
@@ -425,9 +439,9 @@ def write_report(a: argparse.Namespace, argv: Optional[List[str]], runner: Runne
               "wall_s": round(time.time() - runner.t0, 1), "stages": runner.stages}
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     with open(out / "gpu_check.log", "w") as f:
-        for name in ["dali", "pytest", *[f"bench_{m}" for m in models], "sync", "resume", "tune_loader"]:
+        for name in ["dali", "pytest", *[f"bench_{m}" for m in models], "sync", "resume", "tune_loader", "tune_step"]:
             f.write(f"===== {name}\n" + "\n".join(tail(runner.logs / f"{name}.log", 200)) + "\n")
-    for name in [f"bench_{m}.json" for m in models] + ["tune_loader.json"]:
+    for name in [f"bench_{m}.json" for m in models] + ["tune_loader.json", "tune_step.json"]:
         if (work / name).exists():
             shutil.copy(work / name, out / name)
     return report

@@ -110,7 +110,7 @@ def test_cpu_rehearsal_runs_every_stage_and_reports(tmp_path):
     import json
 
     rep = json.loads((out / "gpu_check.json").read_text())
-    assert list(rep["stages"]) == ["data", "bench_test_resnet", "sync", "tune_loader"]
+    assert list(rep["stages"]) == ["data", "bench_test_resnet", "sync", "tune_loader", "tune_step"]
     assert all(r["status"] == "ok" for r in rep["stages"].values())
     assert rep["stages"]["data"]["stats"]["images"] == 48
     bench = json.loads((out / "bench_test_resnet.json").read_text())
@@ -120,6 +120,10 @@ def test_cpu_rehearsal_runs_every_stage_and_reports(tmp_path):
     assert [r["variant"] for r in tune["runs"]] == ["fast", "data.num_threads=1", "data.num_threads=2"]
     assert tune["sweep"]["best"]["loader"]["variant"] in ("data.num_threads=1", "data.num_threads=2")
     assert "fastest data.num_threads=" in q.stdout and "host syncs/step" in q.stdout
+    step = json.loads((out / "tune_step.json").read_text())
+    assert [r["variant"] for r in step["runs"]] == ["fast", "model.compile=true"]
+    assert step["runs"][1]["config"]["model"]["compile"] is True
+    assert "model.compile=true:" in q.stdout and "x the fast default" in q.stdout
 
 
 def test_resume_verdict_bitwise_or_to_the_control_runs_tolerance():
