@@ -157,6 +157,15 @@ def load_json(path: Path) -> Optional[Any]:
 
 def machine_info(py: str) -> Dict[str, Any]:
     info: Dict[str, Any] = {"cpu_count": os.cpu_count()}
+    try:  # the torch loader's workers hand batches over in /dev/shm (data_torch.fit_prefetch)
+        du = shutil.disk_usage("/dev/shm")
+        info["dev_shm_mb"] = {"total": round(du.total / 2**20), "free": round(du.free / 2**20)}
+    except OSError:
+        info["dev_shm_mb"] = None
+    try:
+        info["mem_total_mb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20)
+    except (OSError, ValueError):
+        info["mem_total_mb"] = None
     try:
         q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                            capture_output=True, text=True, timeout=30)

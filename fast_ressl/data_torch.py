@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import sys
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -79,6 +80,51 @@ def eval_transform(d, size: int, resize_shorter: int):
 
 def _to_out(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+SHM = "/dev/shm"
+_HELD = 2  # batches the consumer holds in shared memory besides those in flight
+
+
+def fit_prefetch(workers: int, prefetch: int, batch_bytes: int, what: str, shm: str = SHM) -> int:
+    """The DataLoader prefetch factor that fits this node's shared memory.
+
+    Workers hand their batches to the main process through /dev/shm, up to workers x prefetch at a
+    time. A container's default /dev/shm is small (64 MB under Docker without --ipc=host or
+    --shm-size: a fraction of one fp32 224 px batch of 256, 154 MB per view), and an overflow kills
+    the workers mid-run with a wall of "No space left on device" tracebacks. So: the largest
+    prefetch <= `prefetch` whose batches fit in 90% of the free space, shared by the ranks on this
+    node (LOCAL_WORLD_SIZE), with a warning when lowered; a DataError naming the fixes when not even
+    one batch per worker fits. Without /dev/shm (not Linux) nothing is checked."""
+    if workers <= 0:
+        return prefetch
+    try:
+        free = shutil.disk_usage(shm).free
+    except OSError:
+        return prefetch
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    share = int(0.9 * free) // ranks
+    # besides workers x prefetch batches in flight, the consumer still holds the batch of the step
+    # and the one before it (a tiny /dev/shm overflowed here with exactly that many more)
+    room = (share // max(1, batch_bytes) - _HELD) // workers
+    if room >= prefetch:
+        return prefetch
+    mb = 1 << 20
+
+    def need(p: int) -> str:
+        return f"{(workers * p + _HELD) * batch_bytes / mb:.1f} MB"
+
+    where = f"{shm} has {free / mb:.1f} MB free" + (f" ({share / mb:.1f} MB for each of {ranks} ranks here)"
+                                                   if ranks > 1 else "")
+    if room >= 1:
+        print(f"fast-ressl: warning: {where}; the {what}'s {workers} workers x prefetch {prefetch} of "
+              f"{batch_bytes / mb:.2f} MB batches would need {need(prefetch)}: prefetch lowered to {room} "
+              f"(give the container more: docker run --ipc=host or --shm-size)", file=sys.stderr)
+        return int(room)
+    raise DataError(f"{where}, but the {what}'s {workers} workers need {need(1)} for one "
+                    f"{batch_bytes / mb:.2f} MB batch each: give the container shared memory "
+                    f"(docker run --ipc=host, or --shm-size=...), or lower data.num_threads or "
+                    f"train.batch_size, or use data.loader=dali (no shared memory)")
 
 
 class _TwoViewDataset(Dataset):
@@ -173,6 +219,7 @@ class TorchLoader(EndlessLoader):
         self.epoch, self.step_in_epoch = 0, 0
         self._it: Optional[Iterator] = None
         self._blocks: dict = {}
+        self._prefetch: Optional[int] = None  # DataLoader prefetch factor: 4, or what /dev/shm holds
 
     def epoch_indices(self, epoch: int) -> List[int]:
         if epoch not in self._blocks:
@@ -184,14 +231,22 @@ class TorchLoader(EndlessLoader):
         block = self.epoch_indices(epoch)
         return [self.dataset.files[i] for i in block], [self.dataset.labels[i] for i in block]
 
+    def batch_bytes(self) -> int:
+        """Bytes of one collated batch as the workers hand it over (all views in data.dtype)."""
+        d = self.cfg.data
+        pixels = sum(3 * c.size * c.size for c in [d.weak, *d.strong])
+        return self.batch_size * (pixels * torch.empty((), dtype=self.dtype).element_size() + 8)
+
     def _start(self) -> None:
         w = self.num_workers
         batches = _Batches(len(self.dataset), self.cfg.data.seed, self.rank, self.steps_per_epoch,
                            self.batch_size, self.epoch, self.step_in_epoch)
+        if w > 0 and self._prefetch is None:  # checked once: the first start sizes every later one
+            self._prefetch = fit_prefetch(w, 4, self.batch_bytes(), "torch loader")
         dl = DataLoader(self._ds, batch_sampler=batches,
                         num_workers=w, collate_fn=_Collate(self.dtype),
                         pin_memory=self.device.type == "cuda", persistent_workers=False,
-                        prefetch_factor=4 if w > 0 else None)
+                        prefetch_factor=self._prefetch if w > 0 else None)
         self._it = iter(dl)
 
     def next_batch(self) -> Batch:
@@ -296,14 +351,18 @@ class TorchEvalLoader:
         self.dtype = torch_dtype(d.dtype)
         self.device = torch.device(device)
         self.num_workers = d.num_threads if num_workers is None else num_workers
-        self.transform = eval_transform(d, size or d.weak.size, resize_shorter or d.eval_resize)
+        self.transform_size = size or d.weak.size
+        self.transform = eval_transform(d, self.transform_size, resize_shorter or d.eval_resize)
 
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)
 
     def __iter__(self):
+        w = self.num_workers
+        size = self.transform_size
+        prefetch = fit_prefetch(w, 2, self.batch_size * (3 * size * size * 4 + 8), "eval loader")  # fp32
         dl = DataLoader(_EvalDataset(self.dataset, self.transform), batch_size=self.batch_size,
-                        shuffle=False, num_workers=self.num_workers,
-                        pin_memory=self.device.type == "cuda")
+                        shuffle=False, num_workers=w, pin_memory=self.device.type == "cuda",
+                        prefetch_factor=prefetch if w > 0 else None)
         for x, y in dl:
             yield _to_out(x, self.dtype), y.to(torch.int64)

@@ -390,3 +390,41 @@ def test_a_deleted_file_is_named_at_resume_not_silently_adopted(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "the data changed" in out.stdout
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+
+# ----------------------------------------------------------------------------- small /dev/shm
+def _private_shm_ok() -> bool:
+    """A private mount namespace with its own /dev/shm (root, unshare -m): Docker's small default,
+    for real, without touching the machine's."""
+    if shutil.which("unshare") is None:
+        return False
+    q = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /dev/shm"],
+                       capture_output=True)
+    return q.returncode == 0
+
+
+def _train_small_shm(size, *over):
+    cmd = [sys.executable, "-m", "fast_ressl", "train", str(RECIPE), *TINY, *over]
+    # timeout: a DataLoader whose workers died can wait long for them before it raises
+    return subprocess.run(["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size={size} tmpfs /dev/shm && exec "$@"',
+                           "sh", *cmd], cwd=REPO, capture_output=True, text=True, timeout=120, env=_env())
+
+
+@pytest.mark.skipif(not _private_shm_ok(), reason="needs unshare -m and mount (root) for a private /dev/shm")
+def test_a_small_dev_shm_lowers_the_prefetch_or_is_one_line(tmp_path):
+    """The torch loader's workers hand batches over in /dev/shm. Where it is small (a container
+    without --ipc=host), the run used to die with "No space left on device" tracebacks from every
+    worker; now the prefetch shrinks to what fits (with a warning), and where not even one batch per
+    worker fits, the run stops at once with one line that says what to change. Batches here: 8
+    images x 2 views of 32x32 px in fp16, 96 KB; 2 workers x prefetch 4 (+ the 2 batches the loop
+    holds) would need 960 KB; 512 KB hold 2 workers x prefetch 1; 128 KB not one batch per worker."""
+    root = tmp_path / "jpegs"
+    make_jpeg_folder(root)
+    over = ["data.source=folder", f"data.root={root}", "data.loader=torch", "data.num_threads=2",
+            "data.dtype=fp16", "train.epochs=1"]
+    out = _train_small_shm("512k", *over, f"run.dir={tmp_path / 'a'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "prefetch lowered to 1" in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "done (completed)" in out.stdout
+    line = _one_line_error(_train_small_shm("128k", *over, f"run.dir={tmp_path / 'b'}"))
+    assert "/dev/shm has 0.1 MB free" in line and "--ipc=host" in line and "data.loader=dali" in line
