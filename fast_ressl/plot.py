@@ -27,8 +27,10 @@ KNN_BASELINES = {"random_init": "same backbone, random init", "raw_pixels": "raw
 DPI = 100
 # Run curves: panels in 2 columns, 6.0 x 2.6 inch each, plus a 0.5 inch title band (1200 px wide).
 RUN_PANEL_IN, RUN_COLS, TITLE_IN = (6.0, 2.6), 2, 0.5
-# Benchmark: one panel per mode, side by side, 4.4 x 4.0 inch each (+ the title band).
-BENCH_PANEL_IN = (4.4, 4.0)
+# Benchmark: one panel per mode, side by side, 4.4 x 4.0 inch each (+ the title band); 1.4 inch
+# wider for each bar past 3 (a sweep's points: room for "hw_decoder_load=0.95" at 8 pt), and never
+# narrower than the title (8 inch).
+BENCH_PANEL_IN, BENCH_IN_PER_BAR, BENCH_MIN_W_IN = (4.4, 4.0), 1.4, 8.0
 
 # A new invocation is recognised when the wall clock between two rows exceeds what the later row's
 # own interval explains by more than this (s). Within one invocation the difference is the gap
@@ -55,13 +57,14 @@ def _matplotlib():
     return Figure, FigureCanvasAgg
 
 
-def figure_size_px(panels: int, kind: str = "run") -> Tuple[int, int]:
-    """(width, height) in pixels of a picture with this many panels."""
+def figure_size_px(panels: int, kind: str = "run", bars: int = 3) -> Tuple[int, int]:
+    """(width, height) in pixels of a picture with this many panels (bench: and bars per panel)."""
     if kind == "run":
         rows = math.ceil(panels / RUN_COLS)
         w, h = RUN_COLS * RUN_PANEL_IN[0], rows * RUN_PANEL_IN[1] + TITLE_IN
     else:
-        w, h = panels * BENCH_PANEL_IN[0], BENCH_PANEL_IN[1] + TITLE_IN
+        panel_w = BENCH_PANEL_IN[0] + BENCH_IN_PER_BAR * max(0, bars - 3)
+        w, h = max(panels * panel_w, BENCH_MIN_W_IN), BENCH_PANEL_IN[1] + TITLE_IN
     return round(w * DPI), round(h * DPI)
 
 
@@ -346,6 +349,11 @@ def bench_panels(report: Dict[str, Any]) -> List[str]:
     return [m for m in modes if any("median" in r.get("results", {}).get(m, {}) for r in report["runs"])]
 
 
+def bench_bars(report: Dict[str, Any], modes: List[str]) -> int:
+    """The most bars (measured variants) in one of these modes' panels."""
+    return max(sum("median" in r.get("results", {}).get(m, {}) for r in report["runs"]) for m in modes)
+
+
 def _variant_color(name: str, k: int) -> str:
     if name == "reference":
         return "0.6"
@@ -361,7 +369,7 @@ def plot_bench(report: Dict[str, Any], out_png: os.PathLike | str) -> Path:
     if not modes:
         raise PlotError("the bench report has no measured results to draw")
     Figure, FigureCanvasAgg = _matplotlib()
-    w, h = figure_size_px(len(modes), kind="bench")
+    w, h = figure_size_px(len(modes), kind="bench", bars=bench_bars(report, modes))
     fig = Figure(figsize=(w / DPI, h / DPI), dpi=DPI)
     FigureCanvasAgg(fig)
     grid = _grid(fig, 1, len(modes), left=0.75, right=0.15, top=TITLE_IN + 0.35, bottom=0.6, wgap=0.9,
@@ -383,7 +391,11 @@ def plot_bench(report: Dict[str, Any], out_png: os.PathLike | str) -> Path:
                 continue
             name = run["variant"]
             precision = ((run.get("config") or {}).get("train") or {}).get("precision")
-            names.append(f"{name}\n{precision}" if precision else name)
+            # a sweep point: one override per line, without its section ("data.num_threads=4" ->
+            # "num_threads=4"; the JSON has the full keys)
+            label = "\n".join(o.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + o.split("=", 1)[1] if "=" in o else o
+                              for o in name.split(" "))
+            names.append(f"{label}\n{precision}" if precision else label)
             heights.append(res["median"])
             lo.append(res["median"] - res.get("min", res["median"]))
             hi.append(res.get("max", res["median"]) - res["median"])
@@ -399,7 +411,7 @@ def plot_bench(report: Dict[str, Any], out_png: os.PathLike | str) -> Path:
         for bar, note, up in zip(bars, notes, hi):
             ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + up + top * 0.02, note,
                     ha="center", va="bottom", fontsize=9, fontweight="bold")
-        ax.set_xticks(x, names, fontsize=9)
+        ax.set_xticks(x, names, fontsize=8 if any("=" in n for n in names) else 9)
         ax.set_title(mode, fontsize=11)
         ax.set_ylabel("source images/s")
         ax.grid(True, axis="y", color="0.9", lw=0.6)

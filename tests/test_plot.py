@@ -41,11 +41,11 @@ def _frames(png):
     return runs // 2
 
 
-def _read_png(path, panels, kind="run"):
+def _read_png(path, panels, kind="run", bars=3):
     """Decodes the PNG; checks its size for that many panels and the panels it says it holds."""
     with Image.open(path) as im:
         im.load()
-        assert im.format == "PNG" and im.size == plot.figure_size_px(len(panels), kind)
+        assert im.format == "PNG" and im.size == plot.figure_size_px(len(panels), kind, bars)
         text = dict(im.text)
     assert text["Panels"] == ", ".join(panels)
     assert _frames(path) == len(panels)
@@ -133,6 +133,25 @@ def test_bench_chart(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps(report))
     assert main(["plot-bench", str(tmp_path / "b.json")]) == 0
     _read_png(tmp_path / "b.png", ["step", "e2e"], kind="bench")
+
+
+def test_bench_chart_of_a_sweep_widens_for_its_points(tmp_path):
+    """A sweep's points are bars named by their overrides: the panel widens with the bar count (and
+    the picture never gets narrower than its title)."""
+    runs = [{"variant": v, "config": {"train": {"precision": "bf16"}},
+             "results": {"loader": {"median": m, "min": m, "max": m}}}
+            for v, m in (("fast", 500.0), ("data.num_threads=4 data.hw_decoder_load=0", 400.0),
+                         ("data.num_threads=4 data.hw_decoder_load=0.9", 450.0),
+                         ("data.num_threads=8 data.hw_decoder_load=0", 600.0),
+                         ("data.num_threads=8 data.hw_decoder_load=0.9", 700.0))]
+    report = {"machine": {"cpu_model": "test CPU", "cpu_count": 16, "gpu": None}, "versions": {"torch": "x"},
+              "settings": {"modes": ["loader"]}, "runs": runs, "ratios": {}}
+    out = tmp_path / "sweep.png"
+    plot.plot_bench(report, out)
+    _read_png(out, ["loader"], kind="bench", bars=5)
+    assert plot.figure_size_px(1, "bench", bars=5)[0] == round(plot.BENCH_MIN_W_IN * plot.DPI)
+    assert plot.figure_size_px(2, "bench", bars=5)[0] == round(2 * (4.4 + 2 * plot.BENCH_IN_PER_BAR) * plot.DPI)
+    assert plot.figure_size_px(3, "bench") == (round(3 * 4.4 * plot.DPI), round((4.0 + plot.TITLE_IN) * plot.DPI))
 
 
 def test_bench_plot_flag_draws_beside_the_json(tmp_path):
