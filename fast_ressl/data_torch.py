@@ -353,16 +353,18 @@ class TorchEvalLoader:
         self.num_workers = d.num_threads if num_workers is None else num_workers
         self.transform_size = size or d.weak.size
         self.transform = eval_transform(d, self.transform_size, resize_shorter or d.eval_resize)
+        self._prefetch: Optional[int] = None  # DataLoader prefetch factor: 2, or what /dev/shm holds
 
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)
 
     def __iter__(self):
         w = self.num_workers
-        size = self.transform_size
-        prefetch = fit_prefetch(w, 2, self.batch_size * (3 * size * size * 4 + 8), "eval loader")  # fp32
+        if w > 0 and self._prefetch is None:  # once per loader: the kNN monitor iterates every epoch
+            size = self.transform_size  # workers hand over fp32 (ToTensor + Normalize)
+            self._prefetch = fit_prefetch(w, 2, self.batch_size * (3 * size * size * 4 + 8), "eval loader")
         dl = DataLoader(_EvalDataset(self.dataset, self.transform), batch_size=self.batch_size,
                         shuffle=False, num_workers=w, pin_memory=self.device.type == "cuda",
-                        prefetch_factor=prefetch if w > 0 else None)
+                        prefetch_factor=self._prefetch if w > 0 else None)
         for x, y in dl:
             yield _to_out(x, self.dtype), y.to(torch.int64)
