@@ -297,3 +297,19 @@ def test_sweep_parsing_and_errors(capsys):
     assert main(["bench", "-", *TINY, "--modes", "step", "--sweep", "data.bogus=1,2", "--out", "x.json"]) == 2
     err = capsys.readouterr()
     assert "data.bogus" in err.err and "images/s" not in err.out
+
+
+def test_a_profiler_that_cannot_attach_keeps_the_measurements(tmp_path, monkeypatch):
+    """Where torch.profiler fails (CUPTI in a sandbox), the step's figures stay and the breakdown
+    says why its profile part is missing."""
+    from fast_ressl import breakdown
+
+    def broken(loop, steps):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED")
+
+    monkeypatch.setattr(breakdown, "_profile_steps", broken)
+    s = bench.BenchSettings(modes=["step"], variants=["fast"], out=str(tmp_path / "b.json"), **FAST)
+    res = bench.run_bench(None, TINY, s)["runs"][0]["results"]["step"]
+    assert res["median"] > 0 and res["time_breakdown"]["student_fwd_bwd_ms"] > 0
+    assert res["time_breakdown"]["profile_error"] == "RuntimeError: CUPTI_ERROR_NOT_INITIALIZED"
+    assert "top_ops" not in res["time_breakdown"]
