@@ -9,7 +9,7 @@ start, 1-2 min, and the two calls that carry DALI's first parts; a command may r
             (benchmarks/gpu_carry.sh made them; the last one beside SHA256SUMS, the others copied
             to /tmp/dali-parts by earlier calls)
   data      make-bench-data: --images ImageNet-like JPEGs in --parallel parts (different seeds),
-            started first, in the background, merged into one class-folder tree
+            started after the install, in the background, merged into one class-folder tree
   pytest    pytest -m gpu (the GPU-marked tests)
   bench_<m> fast-ressl bench for each model (default resnet50, then efficientnet_b0 and
             mobilenetv3_large_100): step and e2e, fast vs reference, 224 px, bf16, batch 256; the
@@ -379,11 +379,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     models = [m for m in a.models.split(",") if m]
     info: Dict[str, Any] = {}
     runner.on_stage = lambda: write_report(a, argv, runner, info, out, work, models, threads)
-    data_job = start_data(py, work, a.images, a.parallel, runner.env)  # CPU work while the GPU stages run
     if "dali" in skip:  # no install; use DALI if it is there
         have_dali = subprocess.run([py, "-c", "import nvidia.dali"], capture_output=True).returncode == 0
     else:
         have_dali = dali_stage(py, runner, Path(a.dali_sums))
+    # after the install: make-bench-data imports fast_ressl's config, i.e. omegaconf, which the GPU
+    # image gets from the carried parts too. CPU work, in the background while pytest runs.
+    data_job = start_data(py, work, a.images, a.parallel, runner.env)
     info.update(machine_info(py))  # after the DALI install: its version
     if "pytest" not in skip:
         xml = work / "pytest_gpu.xml"
