@@ -313,3 +313,25 @@ def test_a_profiler_that_cannot_attach_keeps_the_measurements(tmp_path, monkeypa
     assert res["median"] > 0 and res["time_breakdown"]["student_fwd_bwd_ms"] > 0
     assert res["time_breakdown"]["profile_error"] == "RuntimeError: CUPTI_ERROR_NOT_INITIALIZED"
     assert "top_ops" not in res["time_breakdown"]
+
+
+def test_make_bench_data_leaves_out_photos_its_scikit_image_cannot_load(monkeypatch, capsys):
+    """A scikit-image that moved a bundled photo to its download registry (no internet on the GPU
+    machine) loses that photo, not the benchmark data; with fewer than 4 left it says which."""
+    import skimage.data as sd
+
+    from fast_ressl import benchdata
+
+    def offline():
+        raise ConnectionError("no internet")
+
+    monkeypatch.setattr(sd, "retina", offline)
+    monkeypatch.setattr(sd, "moon", offline)
+    photos = benchdata._photos()
+    assert len(photos) == len(benchdata._RGB) + len(benchdata._GRAY) - 2
+    assert all(p.ndim == 3 and p.shape[2] == 3 and p.dtype == np.uint8 for p in photos)
+    assert "retina (ConnectionError), moon (ConnectionError)" in capsys.readouterr().err
+    for name in benchdata._RGB + benchdata._GRAY:
+        monkeypatch.setattr(sd, name, offline)
+    with pytest.raises(RuntimeError, match="only 0 of scikit-image's bundled photographs load"):
+        benchdata._photos()
