@@ -660,9 +660,8 @@ def run_bench(config: Optional[str], overrides: List[str], s: BenchSettings,
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
     variants = variants_for(s)
-    for v in variants:  # a bad key of any variant (a sweep's) fails now, before minutes of measuring
-        for mode in s.modes:
-            _cfg_for(config, overrides, v, mode, s)
+    # every config loaded now: a bad key of any variant (a sweep's) fails before minutes of measuring
+    cfgs = {(v.name, mode): _cfg_for(config, overrides, v, mode, s) for v in variants for mode in s.modes}
     report: Dict[str, Any] = {
         "schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": argv if argv is not None else sys.argv, "machine": machine_info(),
@@ -676,7 +675,7 @@ def run_bench(config: Optional[str], overrides: List[str], s: BenchSettings,
         run: Dict[str, Any] = {"variant": v.name, "overrides": v.overrides, "ema": v.ema,
                                "backends": v.backends, "config": None, "results": {}}
         for mode in s.modes:
-            cfg = _cfg_for(config, overrides, v, mode, s)
+            cfg = cfgs[(v.name, mode)]
             if mode != "step" and cfg.data.source == "synthetic":
                 run["results"][mode] = {"skipped": "data.source=synthetic: pass --data DIR "
                                                    "(see `fast-ressl make-bench-data`)"}

@@ -1,4 +1,4 @@
-"""Where a training step's time goes (`fast-ressl bench`, step and e2e modes, after the timed repeats).
+"""Where a training step's time goes (`fast-ressl bench`, step mode, after the timed repeats).
 
 Three views of the same set-up `train.Loop`, none of them inside a timed window:
 
@@ -7,9 +7,9 @@ Three views of the same set-up `train.Loop`, none of them inside a timed window:
   repetitions (CUDA events on a GPU); `other_ms` = the measured step time minus both, i.e. the
   loss, guard, optimizer, EMA, queue and the host's launch gaps between them.
 - device busy: on a GPU, the summed duration of the kernels of two steps under torch.profiler
-  (the second one logs, as the last step of each timed window does) divided by their wall time. Well below 1 means the GPU waits for the host
-  (launch-bound: fewer ops, compile, CUDA graphs); near 1 means compute-bound. The profiler's own
-  overhead makes this a lower bound.
+  (the second one logs, as the last step of each timed window does) divided by their wall time.
+  Well below 1 means the GPU waits for the host (launch-bound: fewer ops, compile, CUDA graphs);
+  near 1 means compute-bound. The profiler's own overhead makes this a lower bound.
 - top ops: the ops with the most self time in those two steps (device time on a GPU, CPU time on
   the CPU), so a profile says which kernels to look at first.
 """
@@ -51,16 +51,16 @@ def _profile_steps(loop: Any, steps: int) -> Dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     dev = loop.env.device
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    if dev.type == "cuda":
+    gpu = dev.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    if gpu:
         torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
     with profile(activities=acts) as prof:
         loop.run(loop.s.step + steps)
-        if dev.type == "cuda":
+        if gpu:
             torch.cuda.synchronize(dev)
     wall_ms = 1000 * (time.perf_counter() - t0)
-    gpu = dev.type == "cuda"
     rows = []
     for ev in prof.key_averages():
         self_us = ev.self_device_time_total if gpu else ev.self_cpu_time_total

@@ -354,6 +354,12 @@ def bench_bars(report: Dict[str, Any], modes: List[str]) -> int:
     return max(sum("median" in r.get("results", {}).get(m, {}) for r in report["runs"]) for m in modes)
 
 
+def _short_override(item: str) -> str:
+    """"data.num_threads=4" -> "num_threads=4" (a bar label; the JSON keeps the full key)."""
+    key, sep, value = item.partition("=")
+    return f"{key.rsplit('.', 1)[-1]}={value}" if sep else item
+
+
 def _variant_color(name: str, k: int) -> str:
     if name == "reference":
         return "0.6"
@@ -391,10 +397,7 @@ def plot_bench(report: Dict[str, Any], out_png: os.PathLike | str) -> Path:
                 continue
             name = run["variant"]
             precision = ((run.get("config") or {}).get("train") or {}).get("precision")
-            # a sweep point: one override per line, without its section ("data.num_threads=4" ->
-            # "num_threads=4"; the JSON has the full keys)
-            label = "\n".join(o.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + o.split("=", 1)[1] if "=" in o else o
-                              for o in name.split(" "))
+            label = "\n".join(_short_override(o) for o in name.split(" "))  # a sweep point: one per line
             names.append(f"{label}\n{precision}" if precision else label)
             heights.append(res["median"])
             lo.append(res["median"] - res.get("min", res["median"]))
