@@ -101,6 +101,14 @@ class Runner:
         # called after every stage: the report on disk is always current, so a call killed at the
         # device's limit still brings back every finished stage
         self.on_stage: Callable[[], None] = lambda: None
+        self.current: Optional[subprocess.Popen] = None  # the stage running now
+
+    def stop(self, signum: int, frame: Any) -> None:
+        """SIGTERM/SIGINT (a `timeout` at the device's limit, Ctrl-C): a stage runs in its own
+        session, so it would outlive this script (and keep the GPU busy) unless killed here."""
+        if self.current is not None and self.current.poll() is None:
+            os.killpg(self.current.pid, signal.SIGKILL)
+        raise SystemExit(128 + signum)
 
     def left(self) -> float:
         return self.deadline - time.time() - RESERVE_S
@@ -124,8 +132,8 @@ class Runner:
         print(f"[gpu_check] {name}: {' '.join(cmd)} (timeout {t:.0f} s)", flush=True)
         start = time.time()
         with open(log, "w") as f:
-            proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=f, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = self.current = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=f,
+                                                   stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 rc = proc.wait(timeout=t)
                 status = "ok" if rc == 0 else "failed"
@@ -133,6 +141,8 @@ class Runner:
                 os.killpg(proc.pid, signal.SIGKILL)
                 rc = proc.wait()
                 status = "timeout"
+            finally:
+                self.current = None
         rec = {"status": status, "rc": rc, "seconds": round(time.time() - start, 1), "timeout_s": round(t),
                "cmd": cmd, "log_tail": tail(log, 25)}
         if result is not None:
@@ -286,13 +296,18 @@ def pytest_summary(xml_path: Path) -> Optional[Dict[str, Any]]:
     return {**count, "tests": tests}
 
 
+def run_overrides(a: argparse.Namespace, model: str) -> List[str]:
+    """The run every stage measures: backbone, batch, precision and view sizes."""
+    return [f"model.backbone={model}", f"train.batch_size={a.batch}", f"train.precision={a.precision}",
+            f"data.weak={{size: {a.size}}}", f"data.strong=[{{size: {a.size}}}]"]
+
+
 def bench_cmd(py: str, model: str, a: argparse.Namespace, data: Optional[Path], threads: int,
               out: Path, loader_mode: bool) -> List[str]:
     """The loader mode runs for the first model only: it measures the data pipeline alone, the same
     for every backbone (same views, batch and threads)."""
     modes = ("loader,step,e2e" if loader_mode else "step,e2e") if data is not None else "step"
-    cmd = [py, "-m", "fast_ressl", "bench", "-", f"model.backbone={model}", f"train.batch_size={a.batch}",
-           f"train.precision={a.precision}", f"data.weak={{size: {a.size}}}", f"data.strong=[{{size: {a.size}}}]",
+    cmd = [py, "-m", "fast_ressl", "bench", "-", *run_overrides(a, model),
            f"data.num_threads={threads}", f"run.device={a.device}", "--modes", modes, "--warmup", str(a.warmup),
            "--iters", str(a.iters), "--repeats", str(a.repeats), "--out", str(out)]
     return cmd + (["--data", str(data)] if data is not None else [])
@@ -374,9 +389,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     runner = Runner(work, a.budget)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, runner.stop)
     skip = set(filter(None, a.skip.split(",")))
     threads = a.threads or max(2, min(12, (os.cpu_count() or 8) - 4))
     models = [m for m in a.models.split(",") if m]
+    main_model = models[0] if models else MODELS[0]  # the sync check's and the tuning stages'
     info: Dict[str, Any] = {}
     runner.on_stage = lambda: write_report(a, argv, runner, info, out, work, models, threads)
     if "dali" in skip:  # no install; use DALI if it is there
@@ -404,9 +422,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         bench(models[0], True)
     if "sync" not in skip:
         sj = work / "sync.json"
-        cmd = [py, str(REPO / "benchmarks" / "gpu_sync_check.py"), "-",
-               f"model.backbone={models[0] if models else MODELS[0]}", f"train.batch_size={a.batch}",
-               f"train.precision={a.precision}", f"data.weak={{size: {a.size}}}", f"data.strong=[{{size: {a.size}}}]",
+        cmd = [py, str(REPO / "benchmarks" / "gpu_sync_check.py"), "-", *run_overrides(a, main_model),
                f"data.num_threads={threads}", "--steps", str(a.sync_steps), "--log-every", "10",
                "--device", a.device, "--out", str(sj)]
         cmd += ["--data", str(bench_data)] if bench_data is not None else []
@@ -421,8 +437,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not skip & {"tune", "tune_loader"} and bench_data is not None:
         # what is left of the budget: the loader alone over a grid of DALI settings (issue 11's tuning)
         tj = work / "tune_loader.json"
-        cmd = [py, "-m", "fast_ressl", "bench", "-", f"model.backbone={models[0] if models else MODELS[0]}",
-               f"train.batch_size={a.batch}", f"data.weak={{size: {a.size}}}", f"data.strong=[{{size: {a.size}}}]",
+        # (train.precision rides along with the run's overrides: the loader's output is data.dtype)
+        cmd = [py, "-m", "fast_ressl", "bench", "-", *run_overrides(a, main_model),
                f"run.device={a.device}", "--presets", "fast", "--modes", "loader", "--data", str(bench_data),
                "--warmup", str(a.warmup), "--iters", str(a.iters), "--repeats", "2", "--out", str(tj)]
         for item in a.tune:
@@ -431,10 +447,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not skip & {"tune", "tune_step"}:
         # the step with the networks compiled too (model.compile=true) against the fast default
         sj2 = work / "tune_step.json"
-        cmd = [py, "-m", "fast_ressl", "bench", "-", f"model.backbone={models[0] if models else MODELS[0]}",
-               f"train.batch_size={a.batch}", f"train.precision={a.precision}", f"data.weak={{size: {a.size}}}",
-               f"data.strong=[{{size: {a.size}}}]", f"run.device={a.device}", "--presets", "fast", "--modes",
-               "step", "--warmup", str(a.warmup), "--iters", str(a.iters), "--repeats", "2", "--out", str(sj2),
+        cmd = [py, "-m", "fast_ressl", "bench", "-", *run_overrides(a, main_model),
+               f"run.device={a.device}", "--presets", "fast", "--modes", "step", "--warmup", str(a.warmup),
+               "--iters", str(a.iters), "--repeats", "2", "--out", str(sj2),
                "--sweep", "model.compile=true"]
         runner.run("tune_step", cmd, timeout=180, result=lambda: load_json(sj2))
     report = write_report(a, argv, runner, info, out, work, models, threads)

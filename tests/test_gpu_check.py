@@ -19,8 +19,38 @@ import gpu_sync_check  # noqa: E402
 
 def _bash(*args, **env):
     full = {**os.environ, "PYTHON": sys.executable, **env}
-    return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=full, capture_output=True, text=True,
-                          timeout=120)
+    try:
+        return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=full, capture_output=True, text=True,
+                              timeout=120)
+    except subprocess.TimeoutExpired:
+        if "--work" in args:
+            _kill_processes_naming(args[args.index("--work") + 1])
+        raise
+
+
+def _processes_naming(text):
+    """PIDs whose command line contains `text` (a test's scratch folder: its stages' processes)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if str(text).encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _kill_processes_naming(text):
+    """A SIGKILLed gpu_check leaves its running stage behind (each stage has its own session, so
+    that a stage timeout kills its whole group): a test that kills it cleans up after it."""
+    import signal
+
+    for pid in _processes_naming(text):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def test_help_prints_usage_and_exits_0():
@@ -167,6 +197,36 @@ def test_report_on_disk_after_every_stage_survives_a_kill(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        _kill_processes_naming(work)
     rep = json.loads((out / "gpu_check.json").read_text())
     assert rep["stages"]["data"]["status"] == "ok" and rep["stages"]["data"]["stats"]["images"] == 32
     assert "bench_test_resnet" not in rep["stages"]
+
+
+def test_sigterm_takes_the_running_stage_down_too(tmp_path):
+    """`timeout` at the device's limit sends SIGTERM to the script alone; the stage it was running
+    (its own session) must not run on, busy on the GPU, into the next call."""
+    import signal
+    import time
+
+    work = tmp_path / "work"
+    cmd = ["bash", str(SCRIPT), "--device", "cpu", "--models", "test_resnet", "--size", "32", "--batch", "8",
+           "--images", "32", "--parallel", "1", "--skip", "dali,pytest", "--out", str(tmp_path / "out"),
+           "--work", str(work)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHON": sys.executable}, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("[gpu_check] bench_test_resnet:"):
+                break
+        stage = [p for p in _processes_naming(work) if p != proc.pid]
+        assert stage, "the bench stage is running"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.time() + 10
+        while _processes_naming(work) and time.time() < deadline:
+            time.sleep(0.1)
+        assert _processes_naming(work) == []
+    finally:
+        proc.kill()
+        _kill_processes_naming(work)
