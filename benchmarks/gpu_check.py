@@ -88,7 +88,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 class Runner:
     """Runs stages as subprocesses in their own process group (a timeout kills DataLoader workers
-    and torchrun children too), under one deadline; records each stage."""
+    and torchrun children too), under one deadline; records each stage; on SIGTERM/SIGINT kills
+    every process it started."""
 
     def __init__(self, work: Path, budget: float):
         self.t0 = time.time()
@@ -101,13 +102,34 @@ class Runner:
         # called after every stage: the report on disk is always current, so a call killed at the
         # device's limit still brings back every finished stage
         self.on_stage: Callable[[], None] = lambda: None
-        self.current: Optional[subprocess.Popen] = None  # the stage running now
+        self.procs: List[subprocess.Popen] = []  # every process started (stages, background data)
+        self._launching, self._stopping = False, 0
+
+    def spawn(self, cmd: List[str], **kwargs: Any) -> subprocess.Popen:
+        """Popen in a session of its own (a timeout kills its whole group), remembered for stop()."""
+        self._launching = True
+        try:
+            proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, **kwargs)
+            self.procs.append(proc)
+        finally:
+            self._launching = False
+        if self._stopping:  # the signal came while Popen ran: the new process exists only now
+            self.stop(self._stopping, None)
+        return proc
 
     def stop(self, signum: int, frame: Any) -> None:
-        """SIGTERM/SIGINT (a `timeout` at the device's limit, Ctrl-C): a stage runs in its own
-        session, so it would outlive this script (and keep the GPU busy) unless killed here."""
-        if self.current is not None and self.current.poll() is None:
-            os.killpg(self.current.pid, signal.SIGKILL)
+        """SIGTERM/SIGINT (a `timeout` at the device's limit, Ctrl-C): the processes started here
+        run in sessions of their own, so they would outlive this script (and keep the GPU busy)
+        unless killed here."""
+        self._stopping = signum
+        if self._launching:  # spawn() calls back once Popen has returned
+            return
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:  # ended between poll() and here
+                    pass
         raise SystemExit(128 + signum)
 
     def left(self) -> float:
@@ -132,8 +154,7 @@ class Runner:
         print(f"[gpu_check] {name}: {' '.join(cmd)} (timeout {t:.0f} s)", flush=True)
         start = time.time()
         with open(log, "w") as f:
-            proc = self.current = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=f,
-                                                   stderr=subprocess.STDOUT, start_new_session=True)
+            proc = self.spawn(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT)
             try:
                 rc = proc.wait(timeout=t)
                 status = "ok" if rc == 0 else "failed"
@@ -141,8 +162,6 @@ class Runner:
                 os.killpg(proc.pid, signal.SIGKILL)
                 rc = proc.wait()
                 status = "timeout"
-            finally:
-                self.current = None
         rec = {"status": status, "rc": rc, "seconds": round(time.time() - start, 1), "timeout_s": round(t),
                "cmd": cmd, "log_tail": tail(log, 25)}
         if result is not None:
@@ -205,7 +224,7 @@ def cuda_available(py: str) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------- stages
-def start_data(py: str, work: Path, images: int, parallel: int, env: Dict[str, str]) -> Dict[str, Any]:
+def start_data(py: str, work: Path, images: int, parallel: int, runner: Runner) -> Dict[str, Any]:
     """make-bench-data in `parallel` background processes (seeds 0..parallel-1, images split)."""
     parts = work / "parts"
     shutil.rmtree(parts, ignore_errors=True)
@@ -215,9 +234,9 @@ def start_data(py: str, work: Path, images: int, parallel: int, env: Dict[str, s
     for k in range(parallel):
         n = images * (k + 1) // parallel - images * k // parallel
         log = open(work / "logs" / f"data_{k}.log", "w")
-        procs.append((subprocess.Popen([py, "-m", "fast_ressl", "make-bench-data", str(parts / f"p{k}"),
-                                        "--images", str(n), "--seed", str(k)], cwd=REPO, env=env, stdout=log,
-                                       stderr=subprocess.STDOUT, start_new_session=True), log))
+        procs.append((runner.spawn([py, "-m", "fast_ressl", "make-bench-data", str(parts / f"p{k}"),
+                                    "--images", str(n), "--seed", str(k)], env=runner.env, stdout=log,
+                                   stderr=subprocess.STDOUT), log))
     return {"procs": procs, "start": time.time(), "parts": parts}
 
 
@@ -403,7 +422,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         have_dali = dali_stage(py, runner, Path(a.dali_sums))
     # after the install: make-bench-data imports fast_ressl's config, i.e. omegaconf, which the GPU
     # image gets from the carried parts too. CPU work, in the background while pytest runs.
-    data_job = start_data(py, work, a.images, a.parallel, runner.env)
+    data_job = start_data(py, work, a.images, a.parallel, runner)
     info.update(machine_info(py))  # after the DALI install: its version
     if "pytest" not in skip:
         xml = work / "pytest_gpu.xml"

@@ -219,8 +219,11 @@ def test_sigterm_takes_the_running_stage_down_too(tmp_path):
         for line in proc.stdout:
             if line.startswith("[gpu_check] bench_test_resnet:"):
                 break
-        stage = [p for p in _processes_naming(work) if p != proc.pid]
-        assert stage, "the bench stage is running"
+        # the line is printed just before the stage's process starts
+        deadline = time.time() + 30
+        while not [p for p in _processes_naming(work) if p != proc.pid] and time.time() < deadline:
+            time.sleep(0.05)
+        assert [p for p in _processes_naming(work) if p != proc.pid], "the bench stage is running"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 128 + signal.SIGTERM
         deadline = time.time() + 10
@@ -229,4 +232,5 @@ def test_sigterm_takes_the_running_stage_down_too(tmp_path):
         assert _processes_naming(work) == []
     finally:
         proc.kill()
+        proc.wait()  # dead: it can start no further stage, so the clean-up below is complete
         _kill_processes_naming(work)
