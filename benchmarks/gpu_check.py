@@ -18,7 +18,8 @@ start, 1-2 min, and the two calls that carry DALI's first parts; a command may r
   resume    benchmarks/gpu_resume_check.py: kill -9 + resume vs an uninterrupted run, bitwise
   tune_loader  with what is left of the budget: the loader alone (fast preset) over a grid of DALI
             settings (`bench --sweep`, --tune; default threads 4/8/12 x hw_decoder_load 0/0.65/0.95)
-  tune_step the first model's step with the networks compiled too (model.compile=true) vs without
+  tune_step the first model's step with the networks compiled too (model.compile=true), without and
+            with CUDA graphs (model.compile_mode=default, reduce-overhead), vs the fast default
 
 A stage that fails or times out is recorded and the next one runs; a stage that no longer fits in
 the budget is recorded as skipped. Everything goes to --out (default $OUT, else
@@ -365,6 +366,13 @@ def table(header: List[str], rows: List[List[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def _cudagraphs(step: Dict[str, Any]) -> str:
+    """bench's per-run CUDA-graph report (model.compile_mode=reduce-overhead on CUDA) in a few words."""
+    cg = step["cudagraphs"]
+    n = cg.get("graphs_without_cudagraphs", 0)
+    return "all captured" if not n else f"{n} graph(s) without ({'; '.join(cg.get('reasons', []))[:160]})"
+
+
 def stage_result(name: str, rec: Dict[str, Any]) -> str:
     res = rec.get("result")
     if rec.get("status") == "skipped":
@@ -390,9 +398,12 @@ def stage_result(name: str, rec: Dict[str, Any]) -> str:
         return f"fastest {b['variant']}: {b['median']:.0f} images/s, {b['vs_slowest']:.2f}x the slowest point"
     if name == "tune_step" and res and res.get("sweep", {}).get("best", {}).get("step"):
         b = res["sweep"]["best"]["step"]
-        return f"{b['variant']}: {b['median']:.0f} images/s, {b.get('vs_fast', float('nan')):.2f}x the fast default"
+        return (f"{b['variant']}: {b['median']:.0f} images/s, {b.get('vs_fast', float('nan')):.2f}x the fast default"
+                + "".join(f"; {r['variant'].split('compile_mode=')[-1]}: CUDA graphs " + _cudagraphs(r["results"]["step"])
+                          for r in res.get("runs", []) if "cudagraphs" in r["results"].get("step", {})))
     if name.startswith("bench_") and res:
-        return f"report {len(res.get('runs', []))} variants x {len(res.get('settings', {}).get('modes', []))} modes"
+        return (f"report {len(res.get('runs', []))} variants x {len(res.get('settings', {}).get('modes', []))} modes"
+                + (" (partial: the runs finished before the stage stopped)" if res.get("complete") is False else ""))
     return (rec.get("log_tail") or [""])[-1][:140]
 
 
@@ -464,13 +475,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             cmd += ["--sweep", item]
         runner.run("tune_loader", cmd, timeout=150, result=lambda: load_json(tj))
     if not skip & {"tune", "tune_step"}:
-        # the step with the networks compiled too (model.compile=true) against the fast default
+        # the step with the networks compiled too (model.compile=true), without and with CUDA graphs,
+        # against the fast default
         sj2 = work / "tune_step.json"
         cmd = [py, "-m", "fast_ressl", "bench", "-", *run_overrides(a, main_model),
                f"run.device={a.device}", "--presets", "fast", "--modes", "step", "--warmup", str(a.warmup),
                "--iters", str(a.iters), "--repeats", "2", "--out", str(sj2),
-               "--sweep", "model.compile=true"]
-        runner.run("tune_step", cmd, timeout=180, result=lambda: load_json(sj2))
+               "--sweep", "model.compile=true", "--sweep", "model.compile_mode=default,reduce-overhead"]
+        runner.run("tune_step", cmd, timeout=240, result=lambda: load_json(sj2))
     report = write_report(a, argv, runner, info, out, work, models, threads)
     return print_summary(a, runner, info, out, models, report)
 

@@ -579,6 +579,9 @@ def bench_train(cfg: Config, s: BenchSettings, variant: Variant, mode: str) -> D
             peak = _peak_memory_mb(dev)
             boundaries = _boundary_report(loader, warmup, state.step, builds, wait0)
             ops = step_op_counts(loop)  # after the timed repeats: the profiler never runs in them
+            if loop.cudagraph_skips is not None:  # model.compile_mode with CUDA graphs, on CUDA
+                # graphs inductor ran without a CUDA graph in the first step (0 = every one captured)
+                ops["cudagraphs"] = loop.cudagraph_skips.report()
             if mode == "step":  # where the step's time goes (e2e adds the data wait, reported apart)
                 ops["time_breakdown"] = step_breakdown(loop, 1000 * batch_size / statistics.median(rates))
         finally:

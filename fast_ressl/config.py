@@ -68,6 +68,11 @@ class ModelConfig:
     # and unshuffled after (shuffle-BN within the batch).
     bn_group_size: int = 0
     compile: bool = False  # torch.compile the student and teacher networks too
+    # torch.compile's mode for the networks (needs compile=true): default | reduce-overhead (CUDA
+    # graphs: one launch per compiled graph instead of one per kernel, for launch-bound steps) |
+    # max-autotune (CUDA graphs + autotuned kernels; minutes of compiling) |
+    # max-autotune-no-cudagraphs. fast_ressl/compiling.py says what the loop does for CUDA graphs.
+    compile_mode: str = "default"
     # Teacher BatchNorm across ranks: shuffle (MoCo's shuffle-BN, the original ImageNet recipe), sync
     # (SyncBatchNorm, CUDA only) or local (per-rank batch statistics). auto = local on one rank,
     # shuffle on several.
@@ -227,6 +232,7 @@ RUN_CONTROL_KEYS = ("train.stop_at_step", "train.log_every", "run.device", "trai
 _CHOICES = {
     "method.momentum_schedule": ("constant", "cosine"),
     "model.teacher_bn": ("auto", "shuffle", "sync", "local"),
+    "model.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "method.infonce_handover": ("hard", "linear"),
     "optim.name": ("sgd", "lars", "lamb", "adamw"),
     "optim.impl": ("auto", "torch", "timm", "apex"),
@@ -334,6 +340,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     check(t.ckpt_every > 0, f"train.ckpt_every={t.ckpt_every} must be positive")
     check(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1")
     check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1")
+    check(cfg.model.compile or cfg.model.compile_mode == "default",
+          f"model.compile_mode={cfg.model.compile_mode} applies to the compiled networks: "
+          "add model.compile=true (or leave model.compile_mode=default)")
     e = cfg.eval
     check(e.knn_every_epochs >= 0, "eval.knn_every_epochs must be >= 0 (0 = off)")
     check(e.knn_k >= 1 and e.knn_t > 0, "eval.knn_k must be >= 1 and eval.knn_t positive")

@@ -45,16 +45,24 @@ def network_passes(loop: Any) -> Tuple[Callable[[], None], Callable[[], None], C
     x_weak, x_strong = loop.prep(batch.x_weak), [loop.prep(x) for x in batch.x_strong]
     saved = [f.clone() for f in loop.guard.flats]
     s.optimizer.zero_grad(set_to_none=True)  # as in the step: backward writes fresh gradients
+    # with CUDA graphs (model.compile_mode=reduce-overhead) every pass is a step of its own:
+    # inductor may reuse a graph's output memory from the next mark on
+    mark = torch.compiler.cudagraph_mark_step_begin if getattr(loop, "cudagraphs", False) else (lambda: None)
+    mark()
     with loop.amp:
         grad = torch.ones_like(loop.student(x_strong))
 
     def student_fwd_bwd() -> None:
+        mark()
         with loop.amp:
             z = loop.student(x_strong)
         z.backward(grad)
 
     def teacher_fwd() -> None:
-        with torch.no_grad(), loop.amp:
+        # grad mode on, as in the step (the teacher's parameters do not require grad, so no graph
+        # is recorded): under no_grad a compiled teacher would be compiled a second time
+        mark()
+        with loop.amp:
             loop.teacher(x_weak)
 
     def restore() -> None:

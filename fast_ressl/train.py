@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from . import dist, log
 from .checkpoint import CheckpointDir, RunDirBusy, RunLock
+from .compiling import CUDAGRAPH_MODES, CudagraphSkips, compile_network, wants_cudagraphs
 from .config import RUN_CONTROL_KEYS, Config, config_hash, to_dict, to_yaml
 from .data import build_loader
 from .evaluate import knn_monitor
@@ -252,6 +253,23 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> List[str]:
     return out
 
 
+def _keys_added_at_default(stored: dict, now: dict, prefix: str = "") -> List[str]:
+    """Dotted keys that a checkpoint's stored config lacks (added to the schema since it was written)
+    and that hold the schema default now: resuming such a run is the same experiment, so a newer
+    fast_ressl can resume an older run's checkpoints without --allow-config-change."""
+    defaults = to_dict(Config())
+    for part in prefix.rstrip(".").split(".") if prefix else []:
+        defaults = defaults.get(part, {}) if isinstance(defaults, dict) else {}
+    out = []
+    for key, value in now.items():
+        if key not in stored:
+            if isinstance(defaults, dict) and key in defaults and defaults[key] == value:
+                out.append(prefix + key)
+        elif isinstance(value, dict) and isinstance(stored[key], dict):
+            out += _keys_added_at_default(stored[key], value, f"{prefix}{key}.")
+    return out
+
+
 def _data_change(sd: dict, loader: Any) -> str:
     """'' when the loader draws from the same files as the checkpoint's run, else what changed (count
     and the class folders whose count changed). A file deleted after the scan makes the next start
@@ -295,9 +313,12 @@ def maybe_resume(state: State, cfg: Config, env: Env, ckpts: CheckpointDir,
                              "--allow-config-change to continue from its weights, queue, optimizer and step "
                              "with a fresh data order from the start of the current epoch")
     if sd["config_hash"] != config_hash(cfg):
+        added = _keys_added_at_default(sd["config"], to_dict(cfg))
         diff = [d for d in _config_diff(sd["config"], redact_obj(to_dict(cfg)))
-                if not d.startswith(RUN_CONTROL_KEYS)]
-        if not allow_config_change:
+                if not d.startswith(RUN_CONTROL_KEYS) and d.split(":", 1)[0] not in added]
+        if not diff:  # only keys this version added, at their defaults: the same experiment
+            _info(env, f"config keys added since {path} was written, at their defaults: {', '.join(added)}")
+        elif not allow_config_change:
             raise ConfigMismatch(f"{path} was written with a different config:\n  " + "\n  ".join(diff)
                                  + "\nuse a new run.name, or pass --allow-config-change to resume anyway")
         _info(env, "resuming with a changed config (--allow-config-change):\n  " + "\n  ".join(diff))
@@ -445,7 +466,15 @@ class Loop:
         t_cfg = cfg.train
         self.amp = torch.autocast(env.device.type, dtype=_AMP[t_cfg.precision], enabled=t_cfg.precision != "fp32")
         self.student = _wrap_student(s.student, cfg, env)
-        self.teacher = torch.compile(s.teacher) if cfg.model.compile else s.teacher
+        self.teacher = compile_network(s.teacher, cfg.model.compile_mode) if cfg.model.compile else s.teacher
+        # CUDA graphs (model.compile_mode=reduce-overhead/max-autotune): each step is marked, and
+        # graphs inductor ran without one are reported after the first step (fast_ressl/compiling.py)
+        self.cudagraphs = wants_cudagraphs(cfg.model.compile, cfg.model.compile_mode, env.device)
+        self.cudagraph_skips = CudagraphSkips().start() if self.cudagraphs else None
+        self.cudagraphs_checked = False
+        if cfg.model.compile_mode in CUDAGRAPH_MODES and not self.cudagraphs:
+            _info(env, f"model.compile_mode={cfg.model.compile_mode}: CUDA graphs need CUDA; on {env.device} "
+                  "the networks are compiled without them")
         self.t_params, self.s_params = ema_pairs(s.student, s.teacher)
         self.prep = functools.partial(_prep, device=env.device, fp32=t_cfg.precision == "fp32",
                                       cl=t_cfg.channels_last)
@@ -458,6 +487,8 @@ class Loop:
         """Steps s.step+1 .. end_step (returns early, with a checkpoint, on SIGTERM/SIGINT)."""
         cfg, env, s, meter, guard, t_cfg = self.cfg, self.env, self.s, self.meter, self.guard, self.cfg.train
         for step in range(s.step, end_step):
+            if self.cudagraphs:  # host-only: inductor may now reuse the last step's graph outputs
+                torch.compiler.cudagraph_mark_step_begin()
             lr = lr_at(step, self.base_lr, self.warmup_steps, self.total_steps, cfg.optim.min_lr)
             m = momentum_at(step, cfg.method.momentum, self.total_steps, cfg.method.momentum_schedule,
                             cfg.method.momentum_end)
@@ -486,6 +517,8 @@ class Loop:
             if logs:
                 meter.midrun_bad = getattr(s.loader, "midrun_bad", {})  # files that failed mid-run
                 s.skipped_steps = meter.log(s.step, lr, m)  # the one host sync of the interval
+            if self.cudagraph_skips is not None and not self.cudagraphs_checked:
+                self._check_cudagraphs()
             stopping = dist.any_flag(bool(self.stop_flag.signum), env)  # gloo on the host: no GPU sync
             if self.ckpts is not None and (stopping or s.step % t_cfg.ckpt_every == 0 or s.step == end_step):
                 save_checkpoint(s, cfg, env, self.ckpts, meter)
@@ -497,6 +530,18 @@ class Loop:
                 knn_monitor(cfg, env, s, meter, s.step // self.steps_per_epoch,
                             self.total_steps // self.steps_per_epoch)
 
+    def _check_cudagraphs(self) -> None:
+        """After the first step (every compiled graph has been built by then: student forward and
+        backward, teacher forward): one warning, with inductor's reasons, if any ran without a CUDA
+        graph. Host-only (a Python counter); checked once, as later recompiles are rare."""
+        self.cudagraphs_checked = True
+        skips = self.cudagraph_skips
+        skips.stop()  # the count stays readable (inductor's counter); reasons are those seen so far
+        if skips.count:
+            _info(self.env, f"warning: model.compile_mode={self.cfg.model.compile_mode}: {skips.count} compiled "
+                  "graph(s) run without CUDA graphs (inductor: " + ("; ".join(skips.reasons) or "no reason given")
+                  + "); those steps launch every kernel as model.compile_mode=default does")
+
 
 def _wrap_student(student: torch.nn.Module, cfg: Config, env: Env) -> torch.nn.Module:
     """DDP wraps the student only (the teacher stays a plain frozen module); then torch.compile."""
@@ -505,7 +550,7 @@ def _wrap_student(student: torch.nn.Module, cfg: Config, env: Env) -> torch.nn.M
 
         student = DDP(student, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                       broadcast_buffers=False)
-    return torch.compile(student) if cfg.model.compile else student
+    return compile_network(student, cfg.model.compile_mode) if cfg.model.compile else student
 
 
 def save_checkpoint(s: State, cfg: Config, env: Env, ckpts: CheckpointDir, meter: "_Meter") -> None:

@@ -72,6 +72,12 @@ def test_invariants_name_the_keys():
         load_config(None, ["data.source=synthetic", "data.strong=[{size: 32, scale_min: 0.9, scale_max: 0.5}]"])
     with pytest.raises(ConfigError, match="data.augment.blur_p"):
         load_config(None, ["data.source=synthetic", "data.augment.blur_p=1.5"])
+    with pytest.raises(ConfigError, match="model.compile_mode=reduce-overhead applies to the compiled networks"):
+        load_config(None, ["data.source=synthetic", "model.compile_mode=reduce-overhead"])
+    with pytest.raises(ConfigError, match="model.compile_mode='fastest' is not one of default"):
+        load_config(None, ["data.source=synthetic", "model.compile=true", "model.compile_mode=fastest"])
+    assert load_config(None, ["data.source=synthetic", "model.compile=true",
+                              "model.compile_mode=reduce-overhead"]).model.compile_mode == "reduce-overhead"
 
 
 def test_unsafe_yaml_is_refused(tmp_path):

@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import gpu_check  # noqa: E402
 import gpu_resume_check  # noqa: E402
 import gpu_sync_check  # noqa: E402
 
@@ -151,9 +152,13 @@ def test_cpu_rehearsal_runs_every_stage_and_reports(tmp_path):
     assert tune["sweep"]["best"]["loader"]["variant"] in ("data.num_threads=1", "data.num_threads=2")
     assert "fastest data.num_threads=" in q.stdout and "host syncs/step" in q.stdout
     step = json.loads((out / "tune_step.json").read_text())
-    assert [r["variant"] for r in step["runs"]] == ["fast", "model.compile=true"]
-    assert step["runs"][1]["config"]["model"]["compile"] is True
-    assert "model.compile=true:" in q.stdout and "x the fast default" in q.stdout
+    assert [r["variant"] for r in step["runs"]] == [
+        "fast", "model.compile=true model.compile_mode=default", "model.compile=true model.compile_mode=reduce-overhead"]
+    assert [(r["config"]["model"]["compile"], r["config"]["model"]["compile_mode"]) for r in step["runs"]] == [
+        (False, "default"), (True, "default"), (True, "reduce-overhead")]
+    # CUDA graphs are reported where they can be captured (CUDA) only
+    assert all("cudagraphs" not in r["results"]["step"] for r in step["runs"])
+    assert "model.compile=true model.compile_mode=" in q.stdout and "x the fast default" in q.stdout
 
 
 def test_resume_verdict_bitwise_or_to_the_control_runs_tolerance():
@@ -234,3 +239,24 @@ def test_sigterm_takes_the_running_stage_down_too(tmp_path):
         proc.kill()
         proc.wait()  # dead: it can start no further stage, so the clean-up below is complete
         _kill_processes_naming(work)
+
+
+def test_tune_step_line_says_whether_cuda_graphs_were_captured():
+    """On CUDA, bench reports per run how many compiled graphs ran without a CUDA graph; the
+    summary line names each mode's outcome next to the fastest point."""
+    def run(variant, median, cudagraphs=None):
+        step = {"median": median, **({"cudagraphs": cudagraphs} if cudagraphs is not None else {})}
+        return {"variant": variant, "results": {"step": step}}
+
+    runs = [run("fast", 1000.0), run("model.compile=true model.compile_mode=default", 1100.0),
+            run("model.compile=true model.compile_mode=reduce-overhead", 1250.0,
+                {"graphs_without_cudagraphs": 0, "reasons": []})]
+    res = {"runs": runs, "sweep": {"best": {"step": {"variant": runs[2]["variant"], "median": 1250.0,
+                                                     "vs_fast": 1.25, "vs_slowest": 1250 / 1100}}}}
+    line = gpu_check.stage_result("tune_step", {"status": "ok", "result": res})
+    assert line == ("model.compile=true model.compile_mode=reduce-overhead: 1250 images/s, 1.25x the fast "
+                    "default; reduce-overhead: CUDA graphs all captured")
+    runs[2]["results"]["step"]["cudagraphs"] = {"graphs_without_cudagraphs": 2,
+                                                "reasons": ["skipping cudagraphs due to mutated inputs"]}
+    assert gpu_check.stage_result("tune_step", {"status": "ok", "result": res}).endswith(
+        "reduce-overhead: CUDA graphs 2 graph(s) without (skipping cudagraphs due to mutated inputs)")

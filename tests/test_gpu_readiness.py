@@ -352,3 +352,22 @@ def test_gpu_training_variants_run_and_stay_finite(tmp_path, extra):
     assert _all_finite(last) == [] and int(last["step"]) == 8
     if "train.precision=fp16" in extra:
         assert last["scaler"]["scale"] > 0  # the GradScaler ran (and its state is checkpointed)
+
+
+@pytest.mark.gpu
+def test_gpu_cudagraphs_run_like_default_compile(tmp_path, capsys):
+    """model.compile_mode=reduce-overhead: every compiled graph of the step is captured as a CUDA
+    graph (the loop warns, with inductor's reason, for any that is not), and the 8 losses match
+    model.compile_mode=default's, the same compiled kernels launched one by one (deterministic
+    kernels in both runs; 1e-3 relative allows for any reordering inside a replay)."""
+    base = ["run.device=cuda", "train.precision=bf16", "model.compile=true", "method.compile_loss=true",
+            "train.deterministic=true"]
+    T.train(_cfg(tmp_path / "default", *base), live=False)
+    capsys.readouterr()
+    summary = T.train(_cfg(tmp_path / "graphs", *base, "model.compile_mode=reduce-overhead"), live=False)
+    out = capsys.readouterr()
+    assert "without CUDA graphs" not in out.out + out.err, out.out[-2000:]
+    assert summary["skipped_steps"] == 0
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("default", "graphs")]
+    assert len(losses[1]) == 8 and torch.allclose(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-3), losses

@@ -99,6 +99,43 @@ def test_resume_with_changed_config_is_refused(tmp_path):
     assert again == summary == json.loads((run / "summary.json").read_text())
 
 
+def _as_older_version(run, *dotted):
+    """Rewrite last.pt as a fast_ressl without the config keys `dotted` would have written it: the
+    stored config lacks them and its hash is of the config without them."""
+    import hashlib
+
+    from fast_ressl.checkpoint import atomic_save
+    from fast_ressl.config import RUN_CONTROL_KEYS
+
+    path = run / "checkpoints" / "last.pt"
+    sd = safe_load(path)
+    for key in dotted:
+        section, name = key.split(".")
+        del sd["config"][section][name]
+    data = json.loads(json.dumps(sd["config"]))
+    for key in RUN_CONTROL_KEYS:  # as config_hash does
+        section, name = key.split(".")
+        data[section].pop(name, None)
+    sd["config_hash"] = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    path.unlink()  # a hard link to step_*.pt: write a file of its own
+    atomic_save(sd, path)
+
+
+def test_resume_accepts_keys_added_since_at_their_defaults(tmp_path, capsys):
+    """A checkpoint of an older fast_ressl (its config lacks keys added since) resumes without
+    --allow-config-change when those keys hold their defaults; a non-default value is refused."""
+    run = tmp_path / "run"
+    train(_cfg(run, "train.stop_at_step=2"), live=False)
+    _as_older_version(run, "model.compile_mode", "method.infonce_tau")
+    with pytest.raises(ConfigMismatch, match=r"method.infonce_tau: None -> 0.3"):
+        train(_cfg(run, "method.infonce_tau=0.3", "train.stop_at_step=4"), live=False)
+    capsys.readouterr()
+    summary = train(_cfg(run, "train.stop_at_step=4"), live=False)
+    assert summary["step"] == 4
+    out = capsys.readouterr()
+    assert "at their defaults: model.compile_mode, method.infonce_tau" in out.out + out.err
+
+
 def test_cli_train_and_config_errors(tmp_path):
     run = tmp_path / "cli"
     cmd = [sys.executable, "-m", "fast_ressl", "train", "configs/demo.yaml", *TINY, f"run.dir={run}",
