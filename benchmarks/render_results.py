@@ -22,6 +22,8 @@ def render(report: dict) -> str:
             rows.append("| " + " | ".join(result_cells(mode, run["variant"], res, ratios)) + " |")
     m = report["machine"]
     rows.append("")
+    if report.get("complete") is False:  # a bench stopped (e.g. at a time limit) before its last run
+        rows.append("Partial report: the bench was stopped before it finished; these are the runs it completed.")
     rows.append(f"Load average at start / end: {m.get('loadavg_start')} / {m.get('loadavg_end')}; "
                 f"repeats: {report['settings']['repeats']} x {report['settings']['iters']} batches after "
                 f"{report['settings']['warmup']} warm-up batches.")

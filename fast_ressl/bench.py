@@ -692,15 +692,29 @@ def run_bench(config: Optional[str], overrides: List[str], s: BenchSettings,
             run["results"][mode] = res
             _say(console, f"  {v.name} {mode}: {res['median']:.1f} {res['unit']} "
                           f"(spread {res['spread_pct']:.0f}%)")
+            # what is measured so far, on disk: a bench killed at a time limit (a lent GPU's
+            # minutes) still leaves every finished measurement
+            so_far = report["runs"] + [run]
+            _write_report({**report, "runs": so_far, "ratios": _ratios(so_far), "complete": False}, s.out)
         report["runs"].append(run)
     report["ratios"] = _ratios(report["runs"])
     if s.sweep:
         report["sweep"] = sweep_best(report["runs"], s.sweep)
     report["machine"]["loadavg_end"] = _loadavg()
-    if s.out:
-        Path(s.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(s.out).write_text(json.dumps(report, indent=2) + "\n")
+    report["complete"] = True
+    _write_report(report, s.out)
     return report
+
+
+def _write_report(report: Dict[str, Any], out: Optional[str]) -> None:
+    """Atomically (a kill mid-write leaves the previous version, never half a JSON file)."""
+    if not out:
+        return
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _ratios(runs: List[dict]) -> Dict[str, Dict[str, float]]:

@@ -97,7 +97,7 @@ def test_step_fast_vs_reference_json(tmp_path):
     s = bench.BenchSettings(modes=["step"], out=str(out), **FAST)
     report = bench.run_bench(None, TINY, s)
     saved = json.loads(out.read_text())
-    assert saved["ratios"] == report["ratios"]
+    assert saved["ratios"] == report["ratios"] and saved["complete"] is True
     _check_schema(saved, ["step"], ["fast", "reference"])
     assert saved["ratios"]["fast"]["step"] > 0
     fast, ref = (r["config"] for r in saved["runs"])
@@ -335,3 +335,41 @@ def test_make_bench_data_leaves_out_photos_its_scikit_image_cannot_load(monkeypa
         monkeypatch.setattr(sd, name, offline)
     with pytest.raises(RuntimeError, match="only 0 of scikit-image's bundled photographs load"):
         benchdata._photos()
+
+
+def test_a_killed_bench_leaves_every_finished_measurement(tmp_path):
+    """kill -9 while a bench runs (as a lent GPU's time limit does): the report on disk holds the
+    runs finished so far, marked partial, and is valid JSON (written atomically)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "partial.json"
+    cmd = [sys.executable, "-m", "fast_ressl", "bench", "-", *TINY, "--presets", "fast", "--modes", "step",
+           "--warmup", "1", "--iters", "2", "--repeats", "2", "--sweep", "optim.lr=0.01,0.02,0.03,0.04,0.05",
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not out.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        err = proc.communicate()[1]
+    assert out.exists(), err[-2000:]
+    report = json.loads(out.read_text())
+    assert report["complete"] is False, "the bench finished before the kill: make its variants slower"
+    assert 1 <= len(report["runs"]) < 6 and report["runs"][0]["variant"] == "fast"
+    assert report["runs"][0]["results"]["step"]["median"] > 0
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "render_results", Path(__file__).resolve().parents[1] / "benchmarks" / "render_results.py")
+    render_results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render_results)
+    assert "Partial report" in render_results.render(report)
