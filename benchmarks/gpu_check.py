@@ -47,6 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = ("resnet50", "efficientnet_b0", "mobilenetv3_large_100")
 # Seconds kept back from the budget for the report; a stage with less than MIN_STAGE_S left is skipped.
 RESERVE_S, MIN_STAGE_S = 15.0, 20.0
+# Seconds a stage past its timeout gets between SIGINT (write what you have) and SIGKILL.
+GRACE_S = 10.0
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -105,6 +107,20 @@ class Runner:
         self.on_stage: Callable[[], None] = lambda: None
         self.procs: List[subprocess.Popen] = []  # every process started (stages, background data)
         self._launching, self._stopping = False, 0
+        self.min_stage_s = MIN_STAGE_S
+
+    def _interrupt(self, proc: subprocess.Popen) -> int:
+        """A stage past its timeout: SIGINT to its group first, so it can leave what it has (pytest
+        writes its JUnit XML of the tests run so far; bench's report on disk already holds every
+        finished measurement), SIGKILL after GRACE_S. Returns the exit status."""
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+            return proc.wait(timeout=GRACE_S)
+        except ProcessLookupError:
+            return proc.wait()
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            return proc.wait()
 
     def spawn(self, cmd: List[str], **kwargs: Any) -> subprocess.Popen:
         """Popen in a session of its own (a timeout kills its whole group), remembered for stop()."""
@@ -149,7 +165,7 @@ class Runner:
             result: Optional[Callable[[], Any]] = None) -> Dict[str, Any]:
         """Run `cmd` as stage `name`; `result()` (parsing the stage's output file) fills rec["result"]."""
         t = min(timeout, self.left())
-        if t < MIN_STAGE_S:
+        if t < self.min_stage_s:
             return self.skip(name, f"out of time: {max(0.0, self.left()):.0f} s of the budget left")
         log = self.logs / f"{name}.log"
         print(f"[gpu_check] {name}: {' '.join(cmd)} (timeout {t:.0f} s)", flush=True)
@@ -160,15 +176,21 @@ class Runner:
                 rc = proc.wait(timeout=t)
                 status = "ok" if rc == 0 else "failed"
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                rc = proc.wait()
-                status = "timeout"
+                rc, status = self._interrupt(proc), "timeout"
+            _kill_group(proc)  # what the stage left running (DataLoader workers, a torchrun child)
         rec = {"status": status, "rc": rc, "seconds": round(time.time() - start, 1), "timeout_s": round(t),
                "cmd": cmd, "log_tail": tail(log, 25)}
         if result is not None:
             rec["result"] = result()
         print(f"[gpu_check] {name}: {status} (rc {rc}, {rec['seconds']} s)", flush=True)
         return self.record(name, rec)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group is gone already
+        pass
 
 
 def tail(path: Path, n: int) -> List[str]:
@@ -301,6 +323,10 @@ def pytest_summary(xml_path: Path) -> Optional[Dict[str, Any]]:
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     tests = []
     for case in suite.iter("testcase"):
+        if case.get("name") is None:  # the test a SIGINT (a stage timeout) interrupted: pytest
+            tests.append({"test": "(interrupted)", "outcome": "interrupted",  # writes an empty entry
+                          "seconds": float(case.get("time") or 0), "message": "stage timed out"})
+            continue
         outcome = "passed"
         for tag in ("failure", "error", "skipped"):
             el = case.find(tag)
@@ -312,7 +338,8 @@ def pytest_summary(xml_path: Path) -> Optional[Dict[str, Any]]:
             msg = ""
         tests.append({"test": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome,
                       "seconds": float(case.get("time") or 0), "message": msg})
-    count = {k: sum(1 for t in tests if t["outcome"] == k) for k in ("passed", "failed", "error", "skipped")}
+    count = {k: sum(1 for t in tests if t["outcome"] == k)
+             for k in ("passed", "failed", "error", "skipped", "interrupted")}
     return {**count, "tests": tests}
 
 
@@ -381,7 +408,8 @@ def stage_result(name: str, rec: Dict[str, Any]) -> str:
         s = rec["stats"]
         return f"{s['images']} JPEGs, {s['mean_width']:.0f}x{s['mean_height']:.0f} px, {s['mean_kb']:.0f} KB"
     if name == "pytest" and res:
-        return f"{res['passed']} passed, {res['failed']} failed, {res['error']} errors, {res['skipped']} skipped"
+        return (f"{res['passed']} passed, {res['failed']} failed, {res['error']} errors, {res['skipped']} skipped"
+                + (", 1 interrupted by the timeout (the rest did not run)" if res.get("interrupted") else ""))
     if name == "sync" and res:
         return (f"{res['syncs_per_step']} host syncs/step ({res['steps_counted']} non-log steps); "
                 f"log steps {res['log_syncs']}, side threads {res['side_thread_syncs']}")

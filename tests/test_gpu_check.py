@@ -260,3 +260,24 @@ def test_tune_step_line_says_whether_cuda_graphs_were_captured():
                                                 "reasons": ["skipping cudagraphs due to mutated inputs"]}
     assert gpu_check.stage_result("tune_step", {"status": "ok", "result": res}).endswith(
         "reduce-overhead: CUDA graphs 2 graph(s) without (skipping cudagraphs due to mutated inputs)")
+
+
+def test_a_stage_past_its_timeout_is_interrupted_first_and_keeps_its_results(tmp_path):
+    """A timed-out stage gets SIGINT before SIGKILL: pytest (a real run) writes its JUnit XML with
+    the tests finished so far, and a stage that ignores SIGINT is killed after the grace period."""
+    tests = tmp_path / "t"
+    tests.mkdir()
+    (tests / "test_slow.py").write_text("import time\n\ndef test_quick():\n    pass\n\n"
+                                        "def test_slow():\n    time.sleep(120)\n")
+    runner = gpu_check.Runner(tmp_path / "work", budget=600)
+    runner.min_stage_s = 0
+    xml = tmp_path / "junit.xml"
+    rec = runner.run("pytest", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests),
+                                f"--junitxml={xml}"], timeout=8, result=lambda: gpu_check.pytest_summary(xml))
+    assert rec["status"] == "timeout" and rec["seconds"] < 8 + gpu_check.GRACE_S
+    assert (rec["result"]["passed"], rec["result"]["interrupted"]) == (1, 1), rec
+    t0 = __import__("time").time()
+    stubborn = runner.run("stubborn", [sys.executable, "-c", "import signal, time\n"
+                                       "signal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(120)"], timeout=2)
+    assert stubborn["status"] == "timeout" and stubborn["rc"] == -9
+    assert __import__("time").time() - t0 < 2 + gpu_check.GRACE_S + 5
