@@ -14,7 +14,8 @@ Variants
               (data.loader=torch), fp32 data and compute, NCHW, eager (no torch.compile anywhere),
               non-fused SGD, and a Python loop over parameters for the EMA (`reference_ema_`).
   no_<x>      ablations (--ablate): the fast config with one switch off: channels_last, compile,
-              fused (optimizer), amp (fp32 compute).
+              fused (optimizer), amp (fp32 compute), augment (the student view's colour jitter,
+              grayscale, blur and solarize: decode + crops only; loader and e2e modes).
   KEY=V ...   sweep points (--sweep KEY=V1,V2,... once per key): the fast config with every
               combination of the swept values, named by its overrides; the report's `sweep` names
               the fastest point per mode. For tuning in one process (DALI threads, hw_decoder_load,
@@ -96,7 +97,15 @@ ABLATIONS = {
     "compile": ["model.compile=false", "method.compile_loss=false"],
     "fused": ["optim.fused=false"],
     "amp": ["train.precision=fp32"],
+    # the student view's colour jitter, grayscale, blur and solarize off: the loader then decodes and
+    # makes both crops (flip, normalise) only. Against the full loader it says whether the data side
+    # is decoder- or augmentation-bound; the networks see other pixels, not another amount of work,
+    # so step mode (synthetic tensors) does not run it.
+    "augment": ["data.augment.jitter_p=0", "data.augment.grayscale_p=0", "data.augment.blur_p=0",
+                "data.augment.solarize_p=0"],
 }
+# Ablations that change nothing step mode measures (it trains on synthetic tensors).
+_DATA_ONLY_ABLATIONS = {"augment"}
 # Keys the benchmark sets itself: one host sync per timed repeat (its last step logs), no checkpoints
 # and no kNN monitor at epoch boundaries in the way.
 _BENCH_OVERRIDES = ["train.log_every=1000000000", "train.ckpt_every=1000000000", "eval.knn_every_epochs=0",
@@ -679,6 +688,9 @@ def run_bench(config: Optional[str], overrides: List[str], s: BenchSettings,
                                "backends": v.backends, "config": None, "results": {}}
         for mode in s.modes:
             cfg = cfgs[(v.name, mode)]
+            if mode == "step" and v.name in {f"no_{a}" for a in _DATA_ONLY_ABLATIONS}:
+                run["results"][mode] = {"skipped": "a data-side ablation: step mode trains on synthetic tensors"}
+                continue
             if mode != "step" and cfg.data.source == "synthetic":
                 run["results"][mode] = {"skipped": "data.source=synthetic: pass --data DIR "
                                                    "(see `fast-ressl make-bench-data`)"}
@@ -852,8 +864,8 @@ def add_cli_command(sub) -> None:
     p.add_argument("--modes", default="loader,step,e2e", help="comma list of loader, step, e2e")
     p.add_argument("--presets", default="fast,reference", help="comma list of fast, reference")
     p.add_argument("--ablate", default="",
-                   help="comma list of channels_last, compile, fused, amp (or 'all'): the fast "
-                   "config with that one switch off")
+                   help="comma list of channels_last, compile, fused, amp, augment (or 'all'): the "
+                   "fast config with that one switch off (augment: loader and e2e modes)")
     p.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",
                    help="also measure the fast config with each of these values of KEY (repeat for a "
                    "grid of several keys); the fastest point per mode is printed and in the JSON")

@@ -124,19 +124,22 @@ def test_step_fast_vs_reference_json(tmp_path):
 def test_loader_and_e2e_with_ablation(tmp_path, bench_data):
     root, _ = bench_data
     out = tmp_path / "b.json"
-    s = bench.BenchSettings(modes=["loader", "e2e"], variants=["fast", "reference"], ablate=["amp"],
+    s = bench.BenchSettings(modes=["loader", "e2e"], variants=["fast", "reference"], ablate=["amp", "augment"],
                             data=str(root), out=str(out), **FAST)
     report = bench.run_bench(None, TINY, s)
-    _check_schema(json.loads(out.read_text()), ["loader", "e2e"], ["fast", "reference", "no_amp"])
+    _check_schema(json.loads(out.read_text()), ["loader", "e2e"], ["fast", "reference", "no_amp", "no_augment"])
     by = {r["variant"]: r for r in report["runs"]}
     assert by["fast"]["results"]["loader"]["loader"] == "dali"
     assert by["reference"]["results"]["e2e"]["loader"] == "torch"
     assert by["no_amp"]["config"]["train"]["precision"] == "fp32"
+    aug = by["no_augment"]["config"]["data"]["augment"]
+    assert (aug["jitter_p"], aug["grayscale_p"], aug["blur_p"], aug["solarize_p"]) == (0, 0, 0, 0)
+    assert by["fast"]["config"]["data"]["augment"]["blur_p"] == 0.5
     assert by["fast"]["config"]["data"]["root"] == str(root)
-    assert set(report["ratios"]) == {"fast", "no_amp"}
+    assert set(report["ratios"]) == {"fast", "no_amp", "no_augment"}
     # 24 images, batch 8: 3 batches per epoch, so the timed batches 2-3 cross no boundary; the
     # DALI loader starts epoch 1's pipeline ahead during them, never a build on the training thread
-    for name in ("fast", "no_amp"):
+    for name in ("fast", "no_amp", "no_augment"):
         for mode in ("loader", "e2e"):
             res = by[name]["results"][mode]
             assert res["steps_per_epoch"] == 3 and res["sync_builds_timed"] == 0, res
@@ -373,3 +376,12 @@ def test_a_killed_bench_leaves_every_finished_measurement(tmp_path):
     render_results = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(render_results)
     assert "Partial report" in render_results.render(report)
+
+
+def test_data_side_ablation_skips_step_mode():
+    """--ablate augment changes the pixels, not the step's work: step mode (synthetic tensors)
+    records it as skipped instead of measuring the fast step twice."""
+    s = bench.BenchSettings(modes=["step"], variants=[], ablate=["augment"], out=None, **FAST)
+    report = bench.run_bench(None, TINY, s)
+    assert [r["variant"] for r in report["runs"]] == ["no_augment"]
+    assert "synthetic" in report["runs"][0]["results"]["step"]["skipped"]

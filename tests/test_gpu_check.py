@@ -145,7 +145,10 @@ def test_cpu_rehearsal_runs_every_stage_and_reports(tmp_path):
     assert all(r["status"] == "ok" for r in rep["stages"].values())
     assert rep["stages"]["data"]["stats"]["images"] == 48
     bench = json.loads((out / "bench_test_resnet.json").read_text())
-    assert [r["variant"] for r in bench["runs"]] == ["fast", "reference"]
+    assert [r["variant"] for r in bench["runs"]] == ["fast", "reference", "no_augment"]
+    assert rep["bounds"][0]["model"] == "test_resnet" and rep["bounds"][0]["bound"] in (
+        "compute", "decoder", "augmentation")
+    assert "what limits each model end to end" in q.stdout
     assert set(bench["settings"]["modes"]) == {"loader", "step", "e2e"}
     tune = json.loads((out / "tune_loader.json").read_text())
     assert [r["variant"] for r in tune["runs"]] == ["fast", "data.num_threads=1", "data.num_threads=2"]
@@ -281,3 +284,23 @@ def test_a_stage_past_its_timeout_is_interrupted_first_and_keeps_its_results(tmp
                                        "signal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(120)"], timeout=2)
     assert stubborn["status"] == "timeout" and stubborn["rc"] == -9
     assert __import__("time").time() - t0 < 2 + gpu_check.GRACE_S + 5
+
+
+def test_bound_named_from_step_loader_and_the_loader_without_augmentation():
+    def report(**medians):  # {variant_mode: median}
+        runs = {}
+        for key, med in medians.items():
+            variant, mode = key.rsplit("_", 1)
+            runs.setdefault(variant, {})[mode] = {"median": med}
+        return {"runs": [{"variant": v, "results": r} for v, r in runs.items()]}
+
+    first = report(fast_loader=3000.0, no_augment_loader=3100.0, fast_step=2500.0, fast_e2e=2400.0)
+    b = gpu_check.name_bound("resnet50", first, first)
+    assert (b["bound"], b["e2e_vs_min_alone"]) == ("compute", 0.96) and "step alone 2500 <= loader alone 3000" in b["evidence"]
+    small = report(fast_step=9000.0, fast_e2e=2800.0)
+    b = gpu_check.name_bound("mobilenetv3_large_100", small, first)
+    assert b["bound"] == "decoder" and b["e2e_vs_min_alone"] == round(2800 / 3000, 3) and "(1.03x)" in b["evidence"]
+    heavy = report(fast_loader=3000.0, no_augment_loader=4500.0)
+    assert gpu_check.name_bound("efficientnet_b0", small, heavy)["bound"] == "augmentation"
+    assert gpu_check.name_bound("x", small, report(fast_loader=3000.0))["bound"] == "data"  # no ablation figure
+    assert gpu_check.name_bound("x", report(fast_e2e=1.0), first) is None  # no step figure
