@@ -353,7 +353,9 @@ def test_a_killed_bench_leaves_every_finished_measurement(tmp_path):
     cmd = [sys.executable, "-m", "fast_ressl", "bench", "-", *TINY, "--presets", "fast", "--modes", "step",
            "--warmup", "1", "--iters", "2", "--repeats", "2", "--sweep", "optim.lr=0.01,0.02,0.03,0.04,0.05",
            "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # TMPDIR: the run's temporary directory, which a SIGKILL leaves behind, goes to tmp_path
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
         deadline = time.time() + 240
         while not out.exists() and proc.poll() is None and time.time() < deadline:

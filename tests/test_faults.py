@@ -1,5 +1,6 @@
 """Reliability under real faults (issue 13): copied datasets, a second process on the run dir,
 refused resumes, orphaned temporary checkpoints, user errors as one line with exit code 2."""
+import atexit
 import json
 import os
 import shutil
@@ -16,6 +17,8 @@ from conftest import add_bad_files, make_jpeg_folder
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = Path(tempfile.mkdtemp(prefix="fast_ressl_faults_")) / "empty.yaml"
+# removed when this process exits (only by the process that made it, not a forked child)
+atexit.register(lambda d=RECIPE.parent, pid=os.getpid(): os.getpid() == pid and shutil.rmtree(d, True))
 RECIPE.write_text("{}\n")
 TINY = ["model.backbone=test_resnet", "model.proj_hidden_dim=32", "model.proj_dim=16", "method.compile_loss=false",
         "data.weak={size: 32}", "data.strong=[{size: 32}]", "method.queue_size=64", "train.batch_size=8",

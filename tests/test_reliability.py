@@ -1,9 +1,11 @@
 """Reliability promises (shared/design/reliability.md) tested with real faults: kill -9, SIGTERM,
 2 ranks over gloo, injected NaN, truncated and malicious checkpoints, secrets in the environment."""
+import atexit
 import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +25,8 @@ from fast_ressl.train import NonFiniteAbort, train
 REPO = Path(__file__).resolve().parents[1]
 # The subprocess runs use an empty recipe: the defaults plus the overrides below, nothing else.
 RECIPE = Path(tempfile.mkdtemp(prefix="fast_ressl_rel_")) / "tiny.yaml"
+# removed when this process exits (only by the process that made it, not a forked child)
+atexit.register(lambda d=RECIPE.parent, pid=os.getpid(): os.getpid() == pid and shutil.rmtree(d, True))
 RECIPE.write_text("{}\n")
 MODEL = ["model.backbone=test_resnet", "model.proj_hidden_dim=32", "model.proj_dim=16",
          "method.compile_loss=false", "train.log_every=1", "optim.warmup_epochs=0.5"]
