@@ -20,9 +20,18 @@ from typing import List
 import torch
 
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
-# inductor's artifact logger for CUDA-graph decisions (torch/_inductor/cudagraph_utils.py,
-# getArtifactLogger(__name__, "cudagraphs")): off by default, so it has no handler of its own
-_SKIP_LOGGER = "torch._inductor.cudagraph_utils.__cudagraphs"
+
+
+def _skip_loggers() -> List[logging.Logger]:
+    """The logger(s) inductor's log_cudagraph_skip_and_bump_counter writes to: an artifact logger of
+    torch/_inductor/cudagraph_utils.py, off by default (no handler of its own), named `cudagraphs_log`
+    in torch 2.14 and `perf_hint_log` in older releases; whichever this torch has."""
+    try:
+        import torch._inductor.cudagraph_utils as cu
+    except ImportError:  # no inductor: nothing compiles with CUDA graphs either
+        return []
+    return [lg for lg in (getattr(cu, "cudagraphs_log", None), getattr(cu, "perf_hint_log", None))
+            if isinstance(lg, logging.Logger)]
 
 
 def compile_network(module: torch.nn.Module, mode: str) -> torch.nn.Module:
@@ -42,32 +51,36 @@ def _skip_count() -> int:
 
 
 class CudagraphSkips(logging.Handler):
-    """While installed (`start`..`stop`; stopped, it keeps its figures): how many compiled graphs inductor ran without a CUDA graph
-    (`count`, from its counter) and its reasons (`reasons`, first line of each message, distinct)."""
+    """While installed (`start`..`stop`; stopped, it keeps its figures): how many compiled graphs
+    inductor ran without a CUDA graph (`count`, from its counter) and its reasons (`reasons`, the
+    first line of each message, distinct)."""
 
     def __init__(self) -> None:
         super().__init__(level=logging.DEBUG)
         self.reasons: List[str] = []
         self._base = 0
         self._final: int | None = None  # the count when stopped
-        self._logger = logging.getLogger(_SKIP_LOGGER)
+        self._loggers = _skip_loggers()
 
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.getMessage().strip()
         first = msg.splitlines()[0] if msg else ""
-        if "skip" in first or "disabl" in first:  # not inductor's "enabling cudagraphs ..." notes
+        if "cudagraph" in first and ("skip" in first or "disabl" in first):  # not "enabling ..." notes,
+            # nor the other perf hints older releases write to the same logger
             if first not in self.reasons:
                 self.reasons.append(first[:300])
 
     def start(self) -> "CudagraphSkips":
         self._base, self._final = _skip_count(), None
-        if self not in self._logger.handlers:
-            self._logger.addHandler(self)
+        for lg in self._loggers:
+            if self not in lg.handlers:
+                lg.addHandler(self)
         return self
 
     def stop(self) -> None:
         """Detach; `count` and `reasons` keep what was seen until now."""
-        self._logger.removeHandler(self)
+        for lg in self._loggers:
+            lg.removeHandler(self)
         if self._final is None:
             self._final = _skip_count() - self._base
 

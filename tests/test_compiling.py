@@ -8,8 +8,8 @@ from fast_ressl.compiling import CudagraphSkips, wants_cudagraphs
 
 
 def test_skip_reasons_come_from_inductors_own_logger():
-    """The reasons are read from the logger inductor's real skip function writes to (its name is
-    torch-internal: this fails if a torch release renames it), and the count from its counter."""
+    """The reasons are read from the logger inductor's real skip function writes to (torch-internal:
+    this fails if a torch release logs them elsewhere), and the count from its counter."""
     from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
 
     skips = CudagraphSkips().start()
