@@ -304,3 +304,11 @@ def test_bound_named_from_step_loader_and_the_loader_without_augmentation():
     assert gpu_check.name_bound("efficientnet_b0", small, heavy)["bound"] == "augmentation"
     assert gpu_check.name_bound("x", small, report(fast_loader=3000.0))["bound"] == "data"  # no ablation figure
     assert gpu_check.name_bound("x", report(fast_e2e=1.0), first) is None  # no step figure
+
+
+def test_gpu_tests_run_the_decoder_first():
+    """Every test file, the DALI pipeline's first (a pytest stage cut by its timeout has checked the
+    GPU decoder before the tests that spend their time compiling networks)."""
+    files = gpu_check.gpu_test_files()
+    assert files[0] == "tests/test_pipelines_dali.py"
+    assert sorted(files) == sorted(f"tests/{p.name}" for p in (REPO / "tests").glob("test_*.py"))
