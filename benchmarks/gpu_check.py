@@ -536,6 +536,7 @@ def write_report(a: argparse.Namespace, argv: Optional[List[str]], runner: Runne
               "machine": info, "settings": dict(vars(a)), "threads": threads,
               "wall_s": round(time.time() - runner.t0, 1), "bounds": bounds(runner, models),
               "stages": runner.stages}
+    report["targets"] = targets(runner, models, report["bounds"])
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     with open(out / "gpu_check.log", "w") as f:
         for name in ["dali", "pytest", *[f"bench_{m}" for m in models], "sync", "resume", "tune_loader", "tune_step"]:
@@ -586,6 +587,34 @@ def bounds(runner: Runner, models: List[str]) -> List[Dict[str, Any]]:
     return [b for b in found if b is not None]
 
 
+# Issue 11's targets (measured and reported, never asserted): the first model (ResNet-50) end to
+# end, its data wait and its speed-up over the reference preset in the same run; every other model
+# end to end within 10% of min(loader alone, step alone).
+E2E_TARGET, E2E_MOONSHOT, WAIT_TARGET, VS_REF_TARGET, SMALL_TARGET = 3500.0, 5000.0, 0.03, 3.0, 0.9
+
+
+def targets(runner: Runner, models: List[str], found_bounds: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per target: what was measured (None = not measured) and whether it is met."""
+    if not models:
+        return []
+    first = runner.stages.get(f"bench_{models[0]}", {}).get("result") or {}
+    e2e = next((r["results"].get("e2e", {}) for r in first.get("runs", []) if r["variant"] == "fast"), {})
+    wait = e2e.get("data_wait_fraction", {}).get("median")
+    vs_ref = first.get("ratios", {}).get("fast", {}).get("e2e")
+    rows = [{"model": models[0], "target": f"e2e >= {E2E_TARGET:.0f} source images/s (moonshot {E2E_MOONSHOT:.0f})",
+             "value": e2e.get("median"), "met": None if e2e.get("median") is None else e2e["median"] >= E2E_TARGET},
+            {"model": models[0], "target": f"data wait <= {100 * WAIT_TARGET:.0f}%", "value": wait,
+             "met": None if wait is None else wait <= WAIT_TARGET},
+            {"model": models[0], "target": f"e2e >= {VS_REF_TARGET:.0f}x the reference preset (same run)",
+             "value": vs_ref, "met": None if vs_ref is None else vs_ref >= VS_REF_TARGET}]
+    by_model = {b["model"]: b for b in found_bounds}
+    for m in models[1:]:
+        ratio = by_model.get(m, {}).get("e2e_vs_min_alone")
+        rows.append({"model": m, "target": f"e2e >= {SMALL_TARGET:.1f} x min(loader alone, step alone)",
+                     "value": ratio, "met": None if ratio is None else ratio >= SMALL_TARGET})
+    return rows
+
+
 def print_summary(a: argparse.Namespace, runner: Runner, info: Dict[str, Any], out: Path, models: List[str],
                   report: Dict[str, Any]) -> int:
     """The tables, printed last; the exit status."""
@@ -607,6 +636,11 @@ def print_summary(a: argparse.Namespace, runner: Runner, info: Dict[str, Any], o
         print(table(["model", "bound", "e2e/min", "evidence"],
                     [[b["model"], b["bound"], _fmt(b.get("e2e_vs_min_alone"), ".2f"), b["evidence"]]
                      for b in report["bounds"]]))
+    if report.get("targets"):
+        print("\nissue 11's targets (reported, not asserted)")
+        print(table(["model", "target", "measured", "met"],
+                    [[t["model"], t["target"], "-" if t["value"] is None else format(t["value"], ".3g"),
+                      {True: "yes", False: "NO", None: "not measured"}[t["met"]]] for t in report["targets"]]))
     print()
     print(table(["stage", "status", "seconds", "result"],
                 [[n, r.get("status", "?"), _fmt(r.get("seconds"), ".0f"), stage_result(n, r)]

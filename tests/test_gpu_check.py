@@ -150,7 +150,8 @@ def test_cpu_rehearsal_runs_every_stage_and_reports(tmp_path):
     assert [r["variant"] for r in bench["runs"]] == ["fast", "reference", "no_augment"]
     assert rep["bounds"][0]["model"] == "test_resnet" and rep["bounds"][0]["bound"] in (
         "compute", "decoder", "augmentation")
-    assert "what limits each model end to end" in q.stdout
+    assert "what limits each model end to end" in q.stdout and "issue 11's targets" in q.stdout
+    assert [t["model"] for t in rep["targets"]] == ["test_resnet"] * 3
     assert set(bench["settings"]["modes"]) == {"loader", "step", "e2e"}
     tune = json.loads((out / "tune_loader.json").read_text())
     assert [r["variant"] for r in tune["runs"]] == ["fast", "data.num_threads=1", "data.num_threads=2"]
@@ -314,3 +315,18 @@ def test_gpu_tests_run_the_decoder_first():
     files = gpu_check.gpu_test_files()
     assert files[0] == "tests/test_pipelines_dali.py"
     assert sorted(files) == sorted(f"tests/{p.name}" for p in (REPO / "tests").glob("test_*.py"))
+
+
+def test_targets_reported_from_the_bench_reports(tmp_path):
+    """Issue 11's targets, from what the stages measured: met, missed, or not measured."""
+    runner = gpu_check.Runner(tmp_path, budget=1)
+    first = {"runs": [{"variant": "fast", "results": {"e2e": {"median": 3600.0, "data_wait_fraction": {"median": 0.05}}}},
+                      {"variant": "reference", "results": {"e2e": {"median": 1000.0}}}],
+             "ratios": {"fast": {"e2e": 3.6}}}
+    runner.stages["bench_resnet50"] = {"status": "ok", "result": first}
+    rows = gpu_check.targets(runner, ["resnet50", "mobilenetv3_large_100", "efficientnet_b0"],
+                             [{"model": "mobilenetv3_large_100", "e2e_vs_min_alone": 0.85}])
+    assert [(r["model"], r["value"], r["met"]) for r in rows] == [
+        ("resnet50", 3600.0, True), ("resnet50", 0.05, False), ("resnet50", 3.6, True),
+        ("mobilenetv3_large_100", 0.85, False), ("efficientnet_b0", None, None)]
+    assert gpu_check.targets(runner, [], []) == []
