@@ -612,6 +612,8 @@ def targets(runner: Runner, models: List[str], found_bounds: List[Dict[str, Any]
         ratio = by_model.get(m, {}).get("e2e_vs_min_alone")
         rows.append({"model": m, "target": f"e2e >= {SMALL_TARGET:.1f} x min(loader alone, step alone)",
                      "value": ratio, "met": None if ratio is None else ratio >= SMALL_TARGET})
+    for row, fmt in zip(rows, ["{:.0f} images/s", "{:.1%}", "{:.2f}x"] + ["{:.2f}x"] * (len(rows) - 3)):
+        row["shown"] = "-" if row["value"] is None else fmt.format(row["value"])
     return rows
 
 
@@ -639,8 +641,8 @@ def print_summary(a: argparse.Namespace, runner: Runner, info: Dict[str, Any], o
     if report.get("targets"):
         print("\nissue 11's targets (reported, not asserted)")
         print(table(["model", "target", "measured", "met"],
-                    [[t["model"], t["target"], "-" if t["value"] is None else format(t["value"], ".3g"),
-                      {True: "yes", False: "NO", None: "not measured"}[t["met"]]] for t in report["targets"]]))
+                    [[t["model"], t["target"], t["shown"], {True: "yes", False: "NO", None: "not measured"}[t["met"]]]
+                     for t in report["targets"]]))
     print()
     print(table(["stage", "status", "seconds", "result"],
                 [[n, r.get("status", "?"), _fmt(r.get("seconds"), ".0f"), stage_result(n, r)]

@@ -152,6 +152,14 @@ def test_cpu_rehearsal_runs_every_stage_and_reports(tmp_path):
         "compute", "decoder", "augmentation")
     assert "what limits each model end to end" in q.stdout and "issue 11's targets" in q.stdout
     assert [t["model"] for t in rep["targets"]] == ["test_resnet"] * 3
+    # RESULTS.md's GPU section, rendered from what the run left in --out alone
+    md = subprocess.run([sys.executable, str(REPO / "benchmarks" / "render_gpu_check.py"), str(out)],
+                        capture_output=True, text=True, timeout=60)
+    assert md.returncode == 0, md.stderr
+    for part in ("## GPU: ", "bash benchmarks/gpu_check.sh --device cpu", "### Stages", "| tune_step | ok |",
+                 "### Issue 11's targets", "### What limits each model", "### bench_test_resnet",
+                 "| e2e | fast |", "### tune_step"):
+        assert part in md.stdout, part
     assert set(bench["settings"]["modes"]) == {"loader", "step", "e2e"}
     tune = json.loads((out / "tune_loader.json").read_text())
     assert [r["variant"] for r in tune["runs"]] == ["fast", "data.num_threads=1", "data.num_threads=2"]
@@ -326,7 +334,7 @@ def test_targets_reported_from_the_bench_reports(tmp_path):
     runner.stages["bench_resnet50"] = {"status": "ok", "result": first}
     rows = gpu_check.targets(runner, ["resnet50", "mobilenetv3_large_100", "efficientnet_b0"],
                              [{"model": "mobilenetv3_large_100", "e2e_vs_min_alone": 0.85}])
-    assert [(r["model"], r["value"], r["met"]) for r in rows] == [
-        ("resnet50", 3600.0, True), ("resnet50", 0.05, False), ("resnet50", 3.6, True),
-        ("mobilenetv3_large_100", 0.85, False), ("efficientnet_b0", None, None)]
+    assert [(r["model"], r["value"], r["met"], r["shown"]) for r in rows] == [
+        ("resnet50", 3600.0, True, "3600 images/s"), ("resnet50", 0.05, False, "5.0%"), ("resnet50", 3.6, True, "3.60x"),
+        ("mobilenetv3_large_100", 0.85, False, "0.85x"), ("efficientnet_b0", None, None, "-")]
     assert gpu_check.targets(runner, [], []) == []

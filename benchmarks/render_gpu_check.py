@@ -1,0 +1,64 @@
+"""Markdown for RESULTS.md's GPU section from one gpu_check run's output folder ($OUT of the device
+call: gpu_check.json and the bench_<model>.json / tune_*.json beside it):
+
+    .venv/bin/python benchmarks/render_gpu_check.py DIR >> benchmarks/RESULTS.md
+
+Everything printed is read from those files (machine, versions, the exact command, every stage's
+outcome, issue 11's targets, each model's bound, the bench tables); nothing is typed in by hand.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_check  # noqa: E402
+import render_results  # noqa: E402
+
+
+def _table(header: List[str], rows: List[List[str]]) -> List[str]:
+    cell = lambda x: str(x).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(cell(c) for c in r) + " |" for r in rows)]
+
+
+def render(out: Path) -> str:
+    rep: Dict[str, Any] = json.loads((out / "gpu_check.json").read_text())
+    m, v = rep.get("machine", {}), rep.get("machine", {}).get("versions", {})
+    smi = m.get("nvidia_smi")
+    smi = "; ".join(smi) if isinstance(smi, list) else str(smi)
+    shm = m.get("dev_shm_mb") or {}
+    shm = f"{shm.get('free')} of {shm.get('total')} MB free" if shm else "unknown"
+    lines = [f"## GPU: {v.get('gpu') or 'no GPU'} ({rep.get('created', '?')[:10]})", "",
+             f"Machine: {smi} (nvidia-smi: name, driver, memory); {m.get('cpu_count')} CPU cores, "
+             f"/dev/shm {shm}, memory {m.get('mem_total_mb')} MB. Python {v.get('python')}, "
+             f"torch {v.get('torch')} (CUDA {v.get('cuda')}), torchvision {v.get('torchvision')}, "
+             f"DALI {v.get('nvidia.dali')}, timm {v.get('timm')}.", "",
+             f"Command: `{' '.join(rep.get('command', []))}` ({rep.get('wall_s')} s; settings: batch "
+             f"{rep.get('settings', {}).get('batch')}, {rep.get('settings', {}).get('size')} px, "
+             f"{rep.get('settings', {}).get('precision')}, data.num_threads {rep.get('threads')}).", "",
+             "### Stages", ""]
+    lines += _table(["stage", "status", "seconds", "result"],
+                    [[n, r.get("status", "?"), r.get("seconds", "-"), gpu_check.stage_result(n, r)]
+                     for n, r in rep.get("stages", {}).items()])
+    if rep.get("targets"):
+        lines += ["", "### Issue 11's targets (measured, not asserted)", ""]
+        lines += _table(["model", "target", "measured", "met"],
+                        [[t["model"], t["target"], t["shown"], {True: "yes", False: "no", None: "not measured"}[t["met"]]]
+                         for t in rep["targets"]])
+    if rep.get("bounds"):
+        lines += ["", "### What limits each model end to end (fast path)", ""]
+        lines += _table(["model", "bound", "e2e / min(step, loader)", "evidence"],
+                        [[b["model"], b["bound"], b.get("e2e_vs_min_alone", "-"), b["evidence"]]
+                         for b in rep["bounds"]])
+    for path in sorted(out.glob("bench_*.json")) + sorted(out.glob("tune_*.json")):
+        lines += ["", f"### {path.stem} (`{path.name}`)", "", render_results.render(json.loads(path.read_text()))]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: render_gpu_check.py DIR (the folder holding gpu_check.json)")
+    print(render(Path(sys.argv[1])), end="")
