@@ -529,8 +529,9 @@ def bench_train(cfg: Config, s: BenchSettings, variant: Variant, mode: str) -> D
     outside the timer, then `loop.run` over --iters steps per timed repeat."""
     import torch
     from . import train as T
-    from .data import SyntheticSource, build_loader
     from .breakdown import step_breakdown
+    from .compiling import wants_cudagraphs
+    from .data import SyntheticSource, build_loader
     from .opcount import step_op_counts
     from .optim import build_optimizer
     from .ressl import Queue
@@ -555,7 +556,9 @@ def bench_train(cfg: Config, s: BenchSettings, variant: Variant, mode: str) -> D
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.train.precision == "fp16")
     state = T.State(student, teacher, queue, optimizer, scaler, timed)
     steps_per_epoch = loader.steps_per_epoch
-    warmup = max(1, s.warmup)  # compile, autotune, loader start-up: at least one step
+    # compile, autotune, loader start-up: at least one step; with CUDA graphs three (inductor's
+    # cudagraph trees run a graph eagerly once, record it on the second call, replay from the third)
+    warmup = max(3 if wants_cudagraphs(cfg.model.compile, cfg.model.compile_mode, dev) else 1, s.warmup)
     total_steps = max(cfg.train.epochs * steps_per_epoch,
                       warmup + s.iters * s.repeats + _OPCOUNT_STEPS + _BREAKDOWN_STEPS + 2)
     batch_size = cfg.train.batch_size
@@ -566,6 +569,7 @@ def bench_train(cfg: Config, s: BenchSettings, variant: Variant, mode: str) -> D
         if meter.tb is not None:  # TensorBoard event files: I/O, not step time
             meter.tb.close()
             meter.tb = None
+        loop = None
         try:
             loss_fn = T.build_loss_fn(cfg, env.rank, cfg.train.batch_size // env.world_size)
             loop = T.Loop(cfg, env, state, loss_fn, bn_policy, steps_per_epoch, total_steps, base_lr, None,
@@ -587,15 +591,19 @@ def bench_train(cfg: Config, s: BenchSettings, variant: Variant, mode: str) -> D
             mem.sample()
             peak = _peak_memory_mb(dev)
             boundaries = _boundary_report(loader, warmup, state.step, builds, wait0)
+            # model.compile_mode with CUDA graphs, on CUDA: the graphs inductor ran without a CUDA
+            # graph up to the end of the timed repeats (0 = every one captured)
+            cudagraphs = loop.cudagraph_skips.report() if loop.cudagraph_skips is not None else None
             ops = step_op_counts(loop)  # after the timed repeats: the profiler never runs in them
-            if loop.cudagraph_skips is not None:  # model.compile_mode with CUDA graphs, on CUDA
-                # graphs inductor ran without a CUDA graph in the first step (0 = every one captured)
-                ops["cudagraphs"] = loop.cudagraph_skips.report()
+            if cudagraphs is not None:
+                ops["cudagraphs"] = cudagraphs
             if mode == "step":  # where the step's time goes (e2e adds the data wait, reported apart)
                 ops["time_breakdown"] = step_breakdown(loop, 1000 * batch_size / statistics.median(rates))
         finally:
             meter.close()
             _close_loader(loader)
+            if loop is not None:
+                loop.close()
     teacher_sync_bn = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in teacher.modules())
     res = {"unit": "source images/s", **summarize(rates), "batch_size": batch_size,
            "flops_per_image": fpi, "tflops": statistics.median(rates) * fpi / 1e12,

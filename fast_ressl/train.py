@@ -435,12 +435,16 @@ def _train_locked(cfg: Config, env: Env, allow_config_change: bool, live: Option
         return _finish(cfg, state, run_dir, total_steps, None, env)
     meter = _Meter(cfg, env, run_dir, total_steps, steps_per_epoch, state.step, live)
     meter.skipped_before = state.skipped_steps  # a resumed run keeps counting from the checkpoint's
+    loop = None
     try:
         loss_fn = build_loss_fn(cfg, env.rank, cfg.train.batch_size // env.world_size)
-        Loop(cfg, env, state, loss_fn, bn_policy, steps_per_epoch, total_steps, base_lr, ckpts, meter,
-             stop_flag).run(end_step)
+        loop = Loop(cfg, env, state, loss_fn, bn_policy, steps_per_epoch, total_steps, base_lr, ckpts, meter,
+                    stop_flag)
+        loop.run(end_step)
     finally:
         meter.close()
+        if loop is not None:
+            loop.close()
     if stop_flag.signum:
         _finish(cfg, state, run_dir, total_steps, meter, env, status="preempted")
         raise Preempted(stop_flag.signum)
@@ -471,7 +475,7 @@ class Loop:
         # graphs inductor ran without one are reported after the first step (fast_ressl/compiling.py)
         self.cudagraphs = wants_cudagraphs(cfg.model.compile, cfg.model.compile_mode, env.device)
         self.cudagraph_skips = CudagraphSkips().start() if self.cudagraphs else None
-        self.cudagraphs_checked = False
+        self.cudagraphs_warned = (0, 0)  # (graphs, reasons) without CUDA graphs already warned about
         if cfg.model.compile_mode in CUDAGRAPH_MODES and not self.cudagraphs:
             _info(env, f"model.compile_mode={cfg.model.compile_mode}: CUDA graphs need CUDA; on {env.device} "
                   "the networks are compiled without them")
@@ -486,6 +490,7 @@ class Loop:
     def run(self, end_step: int) -> None:
         """Steps s.step+1 .. end_step (returns early, with a checkpoint, on SIGTERM/SIGINT)."""
         cfg, env, s, meter, guard, t_cfg = self.cfg, self.env, self.s, self.meter, self.guard, self.cfg.train
+        first = s.step
         for step in range(s.step, end_step):
             if self.cudagraphs:  # host-only: inductor may now reuse the last step's graph outputs
                 torch.compiler.cudagraph_mark_step_begin()
@@ -517,7 +522,7 @@ class Loop:
             if logs:
                 meter.midrun_bad = getattr(s.loader, "midrun_bad", {})  # files that failed mid-run
                 s.skipped_steps = meter.log(s.step, lr, m)  # the one host sync of the interval
-            if self.cudagraph_skips is not None and not self.cudagraphs_checked:
+            if self.cudagraph_skips is not None and (logs or step == first):
                 self._check_cudagraphs()
             stopping = dist.any_flag(bool(self.stop_flag.signum), env)  # gloo on the host: no GPU sync
             if self.ckpts is not None and (stopping or s.step % t_cfg.ckpt_every == 0 or s.step == end_step):
@@ -531,16 +536,23 @@ class Loop:
                             self.total_steps // self.steps_per_epoch)
 
     def _check_cudagraphs(self) -> None:
-        """After the first step (every compiled graph has been built by then: student forward and
-        backward, teacher forward): one warning, with inductor's reasons, if any ran without a CUDA
-        graph. Host-only (a Python counter); checked once, as later recompiles are rare."""
-        self.cudagraphs_checked = True
-        skips = self.cudagraph_skips
-        skips.stop()  # the count stays readable (inductor's counter); reasons are those seen so far
-        if skips.count:
-            _info(self.env, f"warning: model.compile_mode={self.cfg.model.compile_mode}: {skips.count} compiled "
-                  "graph(s) run without CUDA graphs (inductor: " + ("; ".join(skips.reasons) or "no reason given")
-                  + "); those steps launch every kernel as model.compile_mode=default does")
+        """After the first step (every graph is compiled by then: student forward and backward,
+        teacher forward) and at each log step (inductor also gives up on a graph that it had to
+        re-record too often): a warning, with inductor's reasons, for graphs newly run without a
+        CUDA graph. Host-only: a Python counter."""
+        skips, (count, said) = self.cudagraph_skips, self.cudagraphs_warned
+        if skips.count > count:
+            new = skips.reasons[said:]
+            _info(self.env, f"warning: model.compile_mode={self.cfg.model.compile_mode}: {skips.count - count} "
+                  f"{'more ' if count else ''}compiled graph(s) run without CUDA graphs (inductor: "
+                  f"{'; '.join(new) or 'no new reason given'}); they launch every kernel as "
+                  "model.compile_mode=default does")
+            self.cudagraphs_warned = (skips.count, len(skips.reasons))
+
+    def close(self) -> None:
+        """Detach what the loop attached (the CUDA-graph skip collector); its figures stay readable."""
+        if self.cudagraph_skips is not None:
+            self.cudagraph_skips.stop()
 
 
 def _wrap_student(student: torch.nn.Module, cfg: Config, env: Env) -> torch.nn.Module:

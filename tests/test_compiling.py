@@ -34,3 +34,33 @@ def test_cudagraph_modes_only_on_cuda():
     assert not wants_cudagraphs(False, "reduce-overhead", cuda)
     assert not wants_cudagraphs(True, "default", cuda) and not wants_cudagraphs(True, "max-autotune-no-cudagraphs", cuda)
 
+
+
+def test_the_loop_warns_once_per_new_batch_of_graphs_without_cuda_graphs(capsys):
+    """Loop._check_cudagraphs (after the first step and at each log step): a warning with inductor's
+    reasons when graphs ran without CUDA graphs, nothing when no new one did, then only the new ones."""
+    import types
+
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+
+    from fast_ressl.train import Loop
+
+    loop = types.SimpleNamespace(cudagraph_skips=CudagraphSkips().start(), cudagraphs_warned=(0, 0),
+                                 cfg=types.SimpleNamespace(model=types.SimpleNamespace(compile_mode="reduce-overhead")),
+                                 env=types.SimpleNamespace(is_main=True))
+    try:
+        Loop._check_cudagraphs(loop)
+        assert capsys.readouterr().out == ""  # every graph captured: silent
+        log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs (2 instances)")
+        Loop._check_cudagraphs(loop)
+        out = capsys.readouterr().out
+        assert "model.compile_mode=reduce-overhead: 1 compiled graph(s) run without CUDA graphs" in out
+        assert "mutated inputs (2 instances)" in out
+        Loop._check_cudagraphs(loop)
+        assert capsys.readouterr().out == ""  # nothing new
+        log_cudagraph_skip_and_bump_counter("skipping cudagraph due to function 3 exceeding max re-recording limit")
+        Loop._check_cudagraphs(loop)
+        out = capsys.readouterr().out
+        assert "1 more compiled graph(s)" in out and "re-recording limit" in out and "mutated" not in out
+    finally:
+        loop.cudagraph_skips.stop()
