@@ -3,7 +3,7 @@
 model.compile_mode is torch.compile's `mode`. `reduce-overhead` (and `max-autotune`) capture each
 compiled graph (the student's forward, its backward, the teacher's forward) as a CUDA graph: one
 launch replays hundreds of kernels, which is what a launch-bound step (small backbones, small
-per-GPU batches) needs. Two things the loop must do for that, both here:
+per-GPU batches) needs. Two things the loop (train.Loop) must do for that, with the helpers here:
 
 - mark each training step's start (`torch.compiler.cudagraph_mark_step_begin`): inductor reuses a
   graph's output memory on the next replay, and without the mark it cannot tell the teacher's
