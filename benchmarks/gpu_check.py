@@ -578,8 +578,9 @@ def name_bound(model: str, report: Dict[str, Any], first: Dict[str, Any]) -> Opt
         out["bound"] = "data"
         out["evidence"] = f"loader alone {loader:.0f} < step alone {step:.0f} images/s (no --ablate augment figure)"
     else:
-        # 10%: well above the run-to-run spread of a loader measurement; below it the colour/blur
-        # ops are not what holds the pipeline back
+        # 10%: a margin for run-to-run noise (not measured on a GPU yet: each report gives the
+        # loader runs' spread, to check the margin against); below it the colour/blur ops are not
+        # taken to be what holds the pipeline back
         out["bound"] = "augmentation" if noaug > 1.1 * loader else "decoder"
         out["evidence"] = (f"loader alone {loader:.0f} < step alone {step:.0f} images/s; without the student "
                            f"view's colour/blur ops {noaug:.0f} ({noaug / loader:.2f}x)")
