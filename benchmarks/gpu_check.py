@@ -147,10 +147,7 @@ class Runner:
             return
         for proc in self.procs:
             if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:  # ended between poll() and here
-                    pass
+                _kill_group(proc)
         raise SystemExit(128 + signum)
 
     def left(self) -> float:
@@ -191,9 +188,10 @@ class Runner:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to the process group of `proc` (a stage: its session), if any of it is left."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:  # the group is gone already
+    except ProcessLookupError:  # the group is gone already (e.g. it ended between poll() and here)
         pass
 
 
@@ -276,7 +274,7 @@ def finish_data(job: Dict[str, Any], work: Path, runner: Runner, timeout: float)
         try:
             rcs.append(proc.wait(timeout=max(1.0, left)))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_group(proc)
             rcs.append(proc.wait())
             status = "timeout"
         log.close()
@@ -543,8 +541,7 @@ def write_report(a: argparse.Namespace, argv: Optional[List[str]], runner: Runne
     report["targets"] = targets(runner, models, report["bounds"])
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     with open(out / "gpu_check.log", "w") as f:
-        for name in ["dali", "pytest", *[f"bench_{m}" for m in models[:1]], "sync", *[f"bench_{m}" for m in models[1:]],
-                     "resume", "tune_loader", "tune_step"]:
+        for name in runner.stages:  # in the order they ran (or were skipped)
             f.write(f"===== {name}\n" + "\n".join(tail(runner.logs / f"{name}.log", 200)) + "\n")
     for name in [f"bench_{m}.json" for m in models] + ["tune_loader.json", "tune_step.json"]:
         if (work / name).exists():

@@ -253,20 +253,20 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> List[str]:
     return out
 
 
-def _keys_added_at_default(stored: dict, now: dict, prefix: str = "") -> List[str]:
+def _keys_added_at_default(stored: dict, now: dict, defaults: Optional[dict] = None, prefix: str = "") -> List[str]:
     """Dotted keys that a checkpoint's stored config lacks (added to the schema since it was written)
     and that hold the schema default now: resuming such a run is the same experiment, so a newer
-    fast_ressl can resume an older run's checkpoints without --allow-config-change."""
-    defaults = to_dict(Config())
-    for part in prefix.rstrip(".").split(".") if prefix else []:
-        defaults = defaults.get(part, {}) if isinstance(defaults, dict) else {}
+    fast_ressl can resume an older run's checkpoints without --allow-config-change. `defaults`: the
+    schema's defaults at the same level as `stored` and `now` (the whole config's when None)."""
+    defaults = to_dict(Config()) if defaults is None else defaults
     out = []
     for key, value in now.items():
         if key not in stored:
-            if isinstance(defaults, dict) and key in defaults and defaults[key] == value:
+            if key in defaults and defaults[key] == value:
                 out.append(prefix + key)
         elif isinstance(value, dict) and isinstance(stored[key], dict):
-            out += _keys_added_at_default(stored[key], value, f"{prefix}{key}.")
+            sub = defaults.get(key)
+            out += _keys_added_at_default(stored[key], value, sub if isinstance(sub, dict) else {}, f"{prefix}{key}.")
     return out
 
 
