@@ -11,11 +11,21 @@ per-GPU batches) needs. Two things the loop (train.Loop) must do for that, with 
 - say when a graph did NOT become a CUDA graph. Inductor then runs it without one and only notes
   why in a logger that is off by default, so `reduce-overhead` would silently be `default`. Its
   skip counter (`counters["inductor"]["cudagraph_skips"]`) and its messages are collected here.
+
+Every torch.compile here (these networks, and the relation loss: method.compile_loss, on by default)
+builds native code at run time, with tools that are not Python packages: `toolchain_problem` says
+before the first step what is missing, instead of a compiler error inside the first step's trace.
 """
 from __future__ import annotations
 
+import functools
 import logging
-from typing import List
+import os
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+from typing import List, Mapping, Optional
 
 import torch
 
@@ -32,6 +42,62 @@ def _skip_loggers() -> List[logging.Logger]:
         return []
     return [lg for lg in (getattr(cu, "cudagraphs_log", None), getattr(cu, "perf_hint_log", None))
             if isinstance(lg, logging.Logger)]
+
+
+def _python_include() -> Path:
+    """The folder Triton takes Python.h from (triton/runtime/build.py: the default sysconfig scheme,
+    with Debian's `posix_local` read as `posix_prefix`). In a virtualenv it is the base Python's."""
+    scheme = sysconfig.get_default_scheme()
+    if scheme == "posix_local":
+        scheme = "posix_prefix"
+    return Path(sysconfig.get_paths(scheme=scheme)["include"])
+
+
+def toolchain_problem(device_type: str, environ: Optional[Mapping[str, str]] = None,
+                      python_include: Optional[Path] = None) -> Optional[str]:
+    """What torch.compile lacks on this machine to build code for `device_type`, or None.
+
+    - cuda: inductor's kernels are Triton kernels, and Triton builds each kernel's launcher (and
+      its driver utilities, once) as a Python extension with the host C compiler ($CC, else gcc,
+      else clang on PATH) against Python.h (triton/runtime/build.py). A CUDA base image or a slim
+      Python image has neither, and the first compiled call then fails with "Failed to find C
+      compiler" or "Python.h: No such file or directory".
+    - cpu: inductor writes C++ kernels and builds them with $CXX, else g++ (its default
+      torch._inductor.config.cpp.cxx on Linux; clang++ on macOS).
+
+    `environ` and `python_include` default to this process's (os.environ, _python_include()).
+    """
+    env = os.environ if environ is None else environ
+    path = env.get("PATH", "")
+    missing: List[str] = []
+    if device_type == "cuda":
+        cc = env.get("CC")
+        if cc:
+            if shutil.which(cc, path=path) is None:
+                missing.append(f"the C compiler CC={cc}")
+        elif shutil.which("gcc", path=path) is None and shutil.which("clang", path=path) is None:
+            missing.append("a C compiler (gcc or clang on PATH, or $CC)")
+        header = (python_include or _python_include()) / "Python.h"
+        if not header.is_file():
+            missing.append(f"Python's headers ({header})")
+        need = "Triton builds its kernel launchers with them"
+    else:
+        cxx = env.get("CXX")
+        if cxx and shutil.which(cxx, path=path) is None:
+            missing.append(f"the C++ compiler CXX={cxx}")
+        elif not cxx and shutil.which("clang++" if sys.platform == "darwin" else "g++", path=path) is None:
+            missing.append("a C++ compiler (g++ on PATH, or $CXX)")
+        need = "inductor builds its CPU kernels with it"
+    if not missing:
+        return None
+    return (f"torch.compile on {device_type} needs {' and '.join(missing)}, missing here ({need}); "
+            "on Debian/Ubuntu: apt-get install " + ("gcc python3-dev" if device_type == "cuda" else "g++"))
+
+
+@functools.lru_cache(maxsize=None)
+def toolchain_problem_here(device_type: str) -> Optional[str]:
+    """toolchain_problem for this process's environment, looked up once per device type."""
+    return toolchain_problem(device_type)
 
 
 def compile_network(module: torch.nn.Module, mode: str) -> torch.nn.Module:

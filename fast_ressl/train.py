@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from . import dist, log
 from .checkpoint import CheckpointDir, RunDirBusy, RunLock
-from .compiling import CUDAGRAPH_MODES, CudagraphSkips, compile_network, wants_cudagraphs
-from .config import RUN_CONTROL_KEYS, Config, config_hash, to_dict, to_yaml
+from .compiling import CUDAGRAPH_MODES, CudagraphSkips, compile_network, toolchain_problem_here, wants_cudagraphs
+from .config import RUN_CONTROL_KEYS, Config, ConfigError, config_hash, to_dict, to_yaml
 from .data import build_loader
 from .evaluate import knn_monitor
 from .dist import Env
@@ -52,6 +52,7 @@ def build_env(cfg: Config) -> Env:
     device = env.device
     resolve_precision(cfg, device)
     configure_backends(device.type, cfg.train.deterministic)
+    check_toolchain(cfg, env)
     if device.type == "cpu" and cfg.train.precision == "bf16" and len({v.size for v in cfg.data.strong}) > 1:
         # Measured with torch 2.14.1: CPU bf16 autocast with student views of several sizes gave
         # run-to-run different losses and occasional NaNs inside oneDNN (gone with oneDNN disabled,
@@ -62,6 +63,28 @@ def build_env(cfg: Config) -> Env:
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     return env
+
+
+def check_toolchain(cfg: Config, env: Env) -> None:
+    """Before any data or model work: model.compile=true (asked for) on a machine without the
+    compiler torch.compile needs is a ConfigError naming what is missing; the relation loss
+    (method.compile_loss, on by default) then runs eagerly instead (build_loss_fn), said once here:
+    the same values, ~10 more small kernels per step, and a run that starts without a compiler
+    resumes alike once one is installed (the config, hence its hash, is unchanged)."""
+    problem = toolchain_problem_here(env.device.type)
+    if problem is None:
+        return
+    if cfg.model.compile:
+        raise ConfigError(f"model.compile=true: {problem}; or set model.compile=false")
+    if cfg.method.compile_loss and env.is_main:
+        _warn_once(f"warning: method.compile_loss=true: {problem}; the relation loss runs eagerly (same "
+                   "values, more kernel launches per step); method.compile_loss=false silences this")
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(msg: str) -> None:
+    """log.info once per process and message (bench builds an env for every measurement)."""
+    log.info(msg)
 
 
 def resolve_precision(cfg: Config, device: torch.device) -> None:
@@ -106,7 +129,8 @@ def run_dir_of(cfg: Config) -> Path:
 
 
 def build_loss_fn(cfg: Config, rank: int = 0, per_rank: int = 0) -> Callable[..., Tuple[torch.Tensor, torch.Tensor]]:
-    """loss_fn(z_s, z_t, queue, w_host) -> (loss, k_all); compiled unless method.compile_loss=false.
+    """loss_fn(z_s, z_t, queue, w_host) -> (loss, k_all); compiled unless method.compile_loss=false
+    or this machine lacks the compiler torch.compile needs for the queue's device (check_toolchain).
 
     z_s: (V, N, D) student projections of the strong views; z_t: (world*N, D) teacher projections of
     the global weak batch in rank order; queue: (K, D). Both are L2-normalised here, inside the
@@ -128,17 +152,20 @@ def build_loss_fn(cfg: Config, rank: int = 0, per_rank: int = 0) -> Callable[...
         return warmup_mixed_loss(q, k_all[lo:hi] if hi else k_all, queue, m.tau_s, m.tau_t, m.infonce_tau,
                                  relation_weight=w), k_all
 
-    if m.compile_loss:
-        relation, mixed = torch.compile(relation), torch.compile(mixed)
+    fns: List[Callable] = []  # [relation, mixed], compiled or not, chosen on the first call's device
     w_dev: List[torch.Tensor] = []  # the warm-up weight as a device tensor, made on first use
 
     def loss_fn(z_s, z_t, queue, w_host: float):
+        if not fns:
+            compile_ = m.compile_loss and toolchain_problem_here(queue.device.type) is None
+            fns.extend(torch.compile(f) if compile_ else f for f in (relation, mixed))
+        relation_fn, mixed_fn = fns
         if w_host >= 1.0:
-            return relation(z_s, z_t, queue)
+            return relation_fn(z_s, z_t, queue)
         if not w_dev:
             w_dev.append(torch.zeros((), device=queue.device))
         w_dev[0].fill_(w_host)
-        return mixed(z_s, z_t, queue, w_dev[0])
+        return mixed_fn(z_s, z_t, queue, w_dev[0])
 
     return loss_fn
 

@@ -2,9 +2,11 @@
 
 Whether the graphs are captured on a GPU is tests/test_gpu_readiness.py's
 test_gpu_cudagraphs_run_like_default_compile (gpu-marked)."""
+import os
+
 import torch
 
-from fast_ressl.compiling import CudagraphSkips, wants_cudagraphs
+from fast_ressl.compiling import CudagraphSkips, toolchain_problem, wants_cudagraphs
 
 
 def test_skip_reasons_come_from_inductors_own_logger():
@@ -25,6 +27,34 @@ def test_skip_reasons_come_from_inductors_own_logger():
     fresh = CudagraphSkips().start()  # counts from its own start
     fresh.stop()
     assert fresh.count == 0
+
+
+def test_toolchain_for_cuda_is_a_c_compiler_and_python_headers(tmp_path):
+    """Triton's needs on CUDA (the GPU path CPU cannot run), checked against real folders: an empty
+    PATH and an include folder without Python.h name both; a compiler on PATH (a file that is
+    executable is what shutil.which looks for) and a Python.h satisfy it; $CC wins over PATH."""
+    bin_, inc = tmp_path / "bin", tmp_path / "include"
+    bin_.mkdir(), inc.mkdir()
+    problem = toolchain_problem("cuda", {"PATH": str(bin_)}, inc)
+    assert problem is not None and "a C compiler (gcc or clang on PATH, or $CC)" in problem
+    assert f"Python's headers ({inc / 'Python.h'})" in problem and "apt-get install gcc python3-dev" in problem
+    (inc / "Python.h").write_text("")
+    assert toolchain_problem("cuda", {"PATH": str(bin_)}, inc).startswith(
+        "torch.compile on cuda needs a C compiler (gcc or clang on PATH, or $CC), missing here")
+    for name in ("clang", "mycc"):
+        (bin_ / name).write_text("#!/bin/sh\n")
+        os.chmod(bin_ / name, 0o755)
+    assert toolchain_problem("cuda", {"PATH": str(bin_)}, inc) is None
+    assert toolchain_problem("cuda", {"PATH": str(bin_), "CC": "mycc"}, inc) is None
+    assert "the C compiler CC=nocc" in toolchain_problem("cuda", {"PATH": str(bin_), "CC": "nocc"}, inc)
+
+
+def test_toolchain_for_cpu_is_a_cxx_compiler(tmp_path):
+    assert "a C++ compiler (g++ on PATH, or $CXX)" in toolchain_problem("cpu", {"PATH": str(tmp_path)})
+    (tmp_path / "g++").write_text("#!/bin/sh\n")
+    os.chmod(tmp_path / "g++", 0o755)
+    assert toolchain_problem("cpu", {"PATH": str(tmp_path)}) is None
+    assert "the C++ compiler CXX=clang++" in toolchain_problem("cpu", {"PATH": str(tmp_path), "CXX": "clang++"})
 
 
 def test_cudagraph_modes_only_on_cuda():

@@ -431,3 +431,31 @@ def test_a_small_dev_shm_lowers_the_prefetch_or_is_one_line(tmp_path):
     assert "done (completed)" in out.stdout
     line = _one_line_error(_train_small_shm("128k", *over, f"run.dir={tmp_path / 'b'}"))
     assert "/dev/shm has 0.1 MB free" in line and "--ipc=host" in line and "data.loader=dali" in line
+
+
+# ----------------------------------------------------------------------------- no compiler
+def test_without_a_compiler_the_loss_runs_eagerly_and_model_compile_is_refused(tmp_path):
+    """A machine without the compiler torch.compile needs (a slim image: no g++ for CPU kernels; on
+    CUDA no gcc or Python.h for Triton's launchers). Before: the first step died inside inductor
+    with a compiler traceback. Now the relation loss (compiled by default) runs eagerly with one
+    warning, and model.compile=true, which the user asked for, is refused before any work with a
+    line naming the key and what is missing. PATH holds no compiler here; a fresh inductor cache
+    leaves no earlier build to load."""
+    (tmp_path / "bin").mkdir()
+    env = {**_env(), "PATH": str(tmp_path / "bin"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    for key in ("CC", "CXX"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "fast_ressl", "train", str(RECIPE), *TINY, *SYNTH, "method.compile_loss=true",
+           "train.epochs=1"]
+    out = subprocess.run([*cmd, f"run.dir={tmp_path / 'a'}"], cwd=REPO, capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    warning = "method.compile_loss=true: torch.compile on cpu needs a C++ compiler (g++ on PATH, or $CXX)"
+    assert (out.stdout + out.stderr).count(warning) == 1, (out.stdout + out.stderr)[-3000:]
+    assert "done (completed)" in out.stdout
+    refused = subprocess.run([*cmd, "model.compile=true", f"run.dir={tmp_path / 'b'}"], cwd=REPO,
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert ("config error: model.compile=true: torch.compile on cpu needs a C++ compiler" in refused.stderr
+            and "model.compile=false" in refused.stderr), refused.stderr
+    assert not (tmp_path / "b" / "checkpoints").exists()  # refused before the run dir was set up
