@@ -325,6 +325,27 @@ def test_entrypoint_is_exec_form_and_names_the_console_script(instrs):
             f"{argv[0]} is the entrypoint but no RUN installs it"
 
 
+def apt_installs(instrs: List[Instruction]) -> List[str]:
+    """Every package an `apt-get install` in a RUN names."""
+    out = []
+    for ins in instrs:
+        for command in re.split(r"&&|\|\||;", ins.args) if ins.cmd == "RUN" else []:
+            words = command.split()
+            if words[:1] == ["apt-get"] and "install" in words:
+                out += [w for w in words[words.index("install") + 1:] if not w.startswith("-") and w != "\\"]
+    return out
+
+
+def test_the_image_can_build_what_torch_compile_builds(instrs):
+    """The relation loss is compiled by default, and on CUDA Triton builds its kernel launchers with
+    the host C compiler against Python.h (fast_ressl.compiling.toolchain_problem): the CUDA base
+    image has neither. gcc only recommends libc6-dev, which --no-install-recommends leaves out."""
+    from fast_ressl.config import MethodConfig
+
+    assert MethodConfig().compile_loss
+    assert {"gcc", "libc6-dev", "python3-dev"} <= set(apt_installs(instrs)), apt_installs(instrs)
+
+
 def test_stop_signal_is_sigterm(instrs):
     assert stop_signal(instrs) in ("SIGTERM", "15")
 
