@@ -10,6 +10,7 @@ mechanism allows it, and on CUDA (marked `gpu`, skipped without one) where only 
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -287,7 +288,9 @@ def test_gpu_step_issues_no_host_sync(tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_kill9_then_resume_is_bitwise_exact(tmp_path):
-    over = TINY + ["run.device=cuda", "train.precision=bf16", "train.deterministic=true", "train.epochs=3",
+    # 25 epochs of 4 steps: the kill after the 5th step lands with ~95 steps to go (12 steps could all
+    # run on an H100 between two polls, and the rerun would then "resume" a finished run)
+    over = TINY + ["run.device=cuda", "train.precision=bf16", "train.deterministic=true", "train.epochs=25",
                    "train.ckpt_every=2"]
     env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
     env.pop("FAST_RESSL_FAULT_NAN", None)
@@ -310,9 +313,11 @@ def test_gpu_kill9_then_resume_is_bitwise_exact(tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # killed mid-run, not finished before the signal
     out = subprocess.run(cmd(b), cwd=REPO, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "resumed from" in out.stdout
+    resumed = re.search(r"resumed from \S+ at step (\d+)", out.stdout)
+    assert resumed and 0 < int(resumed.group(1)) < 100, out.stdout[-3000:]
 
     def losses(run):
         by_step = {}
