@@ -13,6 +13,10 @@ Variants
   reference   what the original ReSSL code does: torchvision DataLoader + PIL augmentations
               (data.loader=torch), fp32 data and compute, NCHW, eager (no torch.compile anywhere),
               non-fused SGD, and a Python loop over parameters for the EMA (`reference_ema_`).
+              Its step waits for the GPU once (the non-finite guard's `bool(ok)`: non-fused SGD
+              cannot skip an update on the device), as MoCo-family loops (MoCo's main_moco.py,
+              whose shuffle-BN the ReSSL reference uses) wait once for their per-step
+              `losses.update(loss.item(), ...)`; the original's own loop was not read here.
   no_<x>      ablations (--ablate): the fast config with one switch off: channels_last, compile,
               fused (optimizer), amp (fp32 compute), augment (the student view's colour jitter,
               grayscale, blur and solarize: decode + crops only; loader and e2e modes).

@@ -151,7 +151,9 @@ class DataConfig:
     dtype: str = "fp16"  # loader output: fp16 | bf16 | fp32
     num_threads: int = 4  # DALI CPU threads / torch DataLoader workers per rank
     seed: int = 0  # shuffling and augmentation seed (combined with the epoch and rank)
-    # DALI on a GPU: share of JPEGs on the hardware decoder, and allocation hints for ImageNet.
+    # DALI on a GPU: share of JPEGs on the hardware decoder, and allocation hints for ImageNet
+    # (NVIDIA's ResNet-50 example's paddings; DALI preallocates one device buffer of
+    # device_memory_padding and two pinned host buffers of host_memory_padding per thread).
     hw_decoder_load: float = 0.65
     device_memory_padding: int = 211025920
     host_memory_padding: int = 140544512
