@@ -231,7 +231,12 @@ def machine_info(py: str) -> Dict[str, Any]:
             "else None}\n"
             "for m in ('timm', 'nvidia.dali', 'torchvision'):\n"
             "    try:\n        out[m] = __import__(m, fromlist=['x']).__version__\n"
-            "    except Exception:\n        out[m] = None\nprint(json.dumps(out))")
+            "    except Exception:\n        out[m] = None\n"
+            # what torch.compile lacks here to build Triton's launchers ('ok' when nothing)
+            "try:\n    from fast_ressl.compiling import toolchain_problem\n"
+            "    out['compile_toolchain'] = toolchain_problem('cuda') or 'ok'\n"
+            "except Exception as e:\n    out['compile_toolchain'] = f'unknown: {e}'\n"
+            "print(json.dumps(out))")
     q = subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=120)
     info["versions"] = json.loads(q.stdout) if q.returncode == 0 else {"error": q.stderr[-500:]}
     return info
