@@ -406,6 +406,33 @@ def test_multicrop_recipe_gives_five_student_views(jpeg_folder):
 
 
 # ----------------------------------------------------------------------------- GPU (mixed decode)
+def test_gpu_graphs_are_well_formed_without_a_gpu(jpeg_folder):
+    """DALI defines a pipeline's graph when the pipeline is constructed, which needs no CUDA (only
+    build() does), and checks there every operator's arguments against its schema and every input's
+    device (a misspelt argument of the mixed decoder, or a CPU operator fed GPU data, raise). So the
+    graphs a GPU run builds (mixed decode, the augmentations on GPU data, labels moved to the GPU)
+    are checked on this CPU: train from files (two student views, debug outputs) and webdataset
+    (the shard paths are read only at build), and eval. Images and labels must come out on the GPU,
+    where the loader's DLPack hand-over expects them."""
+    from pipelines_dali.pipeline import eval_pipeline, train_pipeline
+
+    cfg = _cfg(jpeg_folder, **{"data.strong": "[{size: 32}, {size: 24}]"})
+    files = list_folder(str(jpeg_folder)).files
+    labels = [0] * len(files)
+    common = dict(batch_size=4, num_threads=1, device_id=0, seed=1)
+    pipes = {
+        "files": train_pipeline(cfg.data, "files", gpu=True, debug=True, files=files, labels=labels, **common),
+        "webdataset": train_pipeline(cfg.data, "webdataset", gpu=True, wds_paths=["/absent/a.tar"],
+                                     wds_index=["/absent/a.idx"], **common),
+        "eval": eval_pipeline(cfg.data, files, labels, 32, 36, gpu=True, **common),
+    }
+    # DALI 2.4 keeps the outputs as defined in Pipeline._graph_out (private: a rename fails here)
+    devices = {name: [node.device for node in pipe._graph_out] for name, pipe in pipes.items()}
+    # train: weak, 2 strong views, labels (+ the debug decisions, host values read on the CPU)
+    assert devices["files"][:4] == ["gpu"] * 4 and set(devices["files"][4:]) == {"cpu"}, devices
+    assert devices["webdataset"] == ["gpu"] * 4 and devices["eval"] == ["gpu"] * 2, devices
+
+
 @pytest.mark.gpu
 def test_gpu_mixed_decode_contract_and_resume(messy_folder):
     root, _, bad = messy_folder
