@@ -27,14 +27,15 @@ FROM nvidia/cuda:13.0.0-base-ubuntu24.04
 # libc6-dev (gcc only recommends it: stdlib.h) and python3-dev (Python.h), which torch.compile needs
 # at run time on CUDA: Triton builds each kernel's launcher as a Python extension with them, and the
 # relation loss is compiled by default (without them the loss runs eagerly, with a warning, and
-# model.compile=true is refused; fast_ressl/compiling.py).
+# model.compile=true is refused; fast_ressl/compiling.py); g++ for the same on the CPU (inductor's
+# C++ kernels: the README's CPU smoke test of the image).
 # Versions are not pinned (hadolint DL3008): the base tag fixes the Ubuntu release, and the Ubuntu
 # archive drops superseded point versions, so exact pins would break every rebuild after a security
 # update; none of these packages takes part in the numerics.
 ARG DEBIAN_FRONTEND=noninteractive
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv tini gcc libc6-dev python3-dev \
+    && apt-get install -y --no-install-recommends python3 python3-venv tini gcc g++ libc6-dev python3-dev \
     && rm -rf /var/lib/apt/lists/*
 
 # Ubuntu's python3 is "externally managed" (PEP 668): install into a virtualenv, as the README does.

@@ -63,7 +63,8 @@ def toolchain_problem(device_type: str, environ: Optional[Mapping[str, str]] = N
       Python image has neither, and the first compiled call then fails with "Failed to find C
       compiler" or "Python.h: No such file or directory".
     - cpu: inductor writes C++ kernels and builds them with $CXX, else g++ (its default
-      torch._inductor.config.cpp.cxx on Linux; clang++ on macOS).
+      torch._inductor.config.cpp.cxx on Linux; clang++ on macOS), each with Python bindings, so
+      against Python.h too (torch/_inductor/codecache.py, CppPythonBindingsCodeCache).
 
     `environ` and `python_include` default to this process's (os.environ, _python_include()).
     """
@@ -77,21 +78,21 @@ def toolchain_problem(device_type: str, environ: Optional[Mapping[str, str]] = N
                 missing.append(f"the C compiler CC={cc}")
         elif shutil.which("gcc", path=path) is None and shutil.which("clang", path=path) is None:
             missing.append("a C compiler (gcc or clang on PATH, or $CC)")
-        header = (python_include or _python_include()) / "Python.h"
-        if not header.is_file():
-            missing.append(f"Python's headers ({header})")
-        need = "Triton builds its kernel launchers with them"
+        need, packages = "Triton builds its kernel launchers with them", "gcc python3-dev"
     else:
         cxx = env.get("CXX")
         if cxx and shutil.which(cxx, path=path) is None:
             missing.append(f"the C++ compiler CXX={cxx}")
         elif not cxx and shutil.which("clang++" if sys.platform == "darwin" else "g++", path=path) is None:
             missing.append("a C++ compiler (g++ on PATH, or $CXX)")
-        need = "inductor builds its CPU kernels with it"
+        need, packages = "inductor builds its CPU kernels with them", "g++ python3-dev"
+    header = (python_include or _python_include()) / "Python.h"
+    if not header.is_file():
+        missing.append(f"Python's headers ({header})")
     if not missing:
         return None
     return (f"torch.compile on {device_type} needs {' and '.join(missing)}, missing here ({need}); "
-            "on Debian/Ubuntu: apt-get install " + ("gcc python3-dev" if device_type == "cuda" else "g++"))
+            f"on Debian/Ubuntu: apt-get install {packages}")
 
 
 @functools.lru_cache(maxsize=None)

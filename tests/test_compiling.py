@@ -49,12 +49,17 @@ def test_toolchain_for_cuda_is_a_c_compiler_and_python_headers(tmp_path):
     assert "the C compiler CC=nocc" in toolchain_problem("cuda", {"PATH": str(bin_), "CC": "nocc"}, inc)
 
 
-def test_toolchain_for_cpu_is_a_cxx_compiler(tmp_path):
-    assert "a C++ compiler (g++ on PATH, or $CXX)" in toolchain_problem("cpu", {"PATH": str(tmp_path)})
-    (tmp_path / "g++").write_text("#!/bin/sh\n")
-    os.chmod(tmp_path / "g++", 0o755)
-    assert toolchain_problem("cpu", {"PATH": str(tmp_path)}) is None
-    assert "the C++ compiler CXX=clang++" in toolchain_problem("cpu", {"PATH": str(tmp_path), "CXX": "clang++"})
+def test_toolchain_for_cpu_is_a_cxx_compiler_and_python_headers(tmp_path):
+    bin_, inc = tmp_path / "bin", tmp_path / "include"
+    bin_.mkdir(), inc.mkdir()
+    problem = toolchain_problem("cpu", {"PATH": str(bin_)}, inc)
+    assert "a C++ compiler (g++ on PATH, or $CXX) and Python's headers" in problem, problem
+    assert "apt-get install g++ python3-dev" in problem
+    (bin_ / "g++").write_text("#!/bin/sh\n")
+    os.chmod(bin_ / "g++", 0o755)
+    (inc / "Python.h").write_text("")
+    assert toolchain_problem("cpu", {"PATH": str(bin_)}, inc) is None
+    assert "the C++ compiler CXX=clang++" in toolchain_problem("cpu", {"PATH": str(bin_), "CXX": "clang++"}, inc)
 
 
 def test_cudagraph_modes_only_on_cuda():

@@ -338,12 +338,13 @@ def apt_installs(instrs: List[Instruction]) -> List[str]:
 
 def test_the_image_can_build_what_torch_compile_builds(instrs):
     """The relation loss is compiled by default, and on CUDA Triton builds its kernel launchers with
-    the host C compiler against Python.h (fast_ressl.compiling.toolchain_problem): the CUDA base
-    image has neither. gcc only recommends libc6-dev, which --no-install-recommends leaves out."""
+    the host C compiler against Python.h, and on the CPU (the README's smoke test of the image)
+    inductor with g++ (fast_ressl.compiling.toolchain_problem): the CUDA base image has none of
+    them. gcc only recommends libc6-dev, which --no-install-recommends leaves out."""
     from fast_ressl.config import MethodConfig
 
     assert MethodConfig().compile_loss
-    assert {"gcc", "libc6-dev", "python3-dev"} <= set(apt_installs(instrs)), apt_installs(instrs)
+    assert {"gcc", "g++", "libc6-dev", "python3-dev"} <= set(apt_installs(instrs)), apt_installs(instrs)
 
 
 def test_stop_signal_is_sigterm(instrs):
