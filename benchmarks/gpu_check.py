@@ -127,10 +127,18 @@ class Runner:
             return proc.wait()
 
     def spawn(self, cmd: List[str], **kwargs: Any) -> subprocess.Popen:
-        """Popen in a session of its own (a timeout kills its whole group), remembered for stop()."""
+        """Popen in a session of its own (a timeout kills its whole group), remembered for stop().
+
+        The stage starts with SIGINT at its default: a process started as a background job of a
+        non-interactive shell (`cmd &`, as a tool may launch this script) ignores SIGINT, children
+        inherit that, and a Python child then installs no KeyboardInterrupt handler, so _interrupt's
+        SIGINT would be lost and every timed-out stage killed without writing what it has (seen: the
+        suite run as `(make test &)` failed tests/test_gpu_check.py's timeout test on exactly this;
+        main() catches SIGINT itself, which exec resets to the default, but a Runner need not be
+        made by main())."""
         self._launching = True
         try:
-            proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, **kwargs)
+            proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, preexec_fn=_default_sigint, **kwargs)
             self.procs.append(proc)
         finally:
             self._launching = False
@@ -185,6 +193,13 @@ class Runner:
             rec["result"] = result()
         print(f"[gpu_check] {name}: {status} (rc {rc}, {rec['seconds']} s)", flush=True)
         return self.record(name, rec)
+
+
+def _default_sigint() -> None:
+    """In the forked child, before exec: SIGINT back to its default disposition (exec keeps an
+    ignored signal ignored). preexec_fn runs Python in the child, unsafe only while other threads
+    run in the parent: gpu_check starts none."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
