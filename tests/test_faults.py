@@ -26,7 +26,10 @@ TINY = ["model.backbone=test_resnet", "model.proj_hidden_dim=32", "model.proj_di
 
 
 def _env():
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           # what the runs put in the temporary folder goes with RECIPE's folder at exit: the files of
+           # a killed run (DALI's autograph modules, torchrun's rendezvous folders) would stay in /tmp
+           "TMPDIR": str(RECIPE.parent)}
     env.pop("FAST_RESSL_FAULT_NAN", None)
     return env
 

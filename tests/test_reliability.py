@@ -55,7 +55,10 @@ def _torchrun(nproc, *overrides):
 
 
 def _env(**extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           # what the runs put in the temporary folder goes with RECIPE's folder at exit: the files of
+           # a killed run (DALI's autograph modules, torchrun's rendezvous folders) would stay in /tmp
+           "TMPDIR": str(RECIPE.parent), **extra}
     env.pop("FAST_RESSL_FAULT_NAN", None)
     env.update(extra)
     return env
