@@ -143,11 +143,35 @@ class RunDirBusy(RuntimeError):
     """Another live process holds the run directory."""
 
 
+# Descriptors of the run locks this process holds, closed in every forked child (below).
+_HELD_LOCK_FDS: set = set()
+
+
+def _drop_locks_in_forked_child() -> None:
+    """A flock belongs to the open file description, and fork shares it: a forked child (a torch
+    DataLoader worker) would hold the run's lock too. Such workers outlive a kill -9 of their parent
+    until their watchdog notices, up to torch's MP_STATUS_CHECK_INTERVAL (5 s), so an immediate
+    relaunch (torchrun --max-restarts, a job scheduler) was refused as "in use" by the dead run
+    (seen in gpu_check's CPU rehearsal with data.loader=torch). Closing the child's copy of the
+    descriptor leaves the parent's lock held; flock(LOCK_UN) here would drop it for the parent too."""
+    for fd in list(_HELD_LOCK_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_forked_child)
+
+
 class RunLock:
     """One writer per run directory: an exclusive `flock` on RUN_DIR/.lock, held while training.
 
-    The kernel releases a flock when its process dies (kill -9 included), so a stale lock never
-    blocks the relaunch; the file keeps the holder's pid and host for the message."""
+    The kernel releases a flock when the last descriptor of it closes: when its process dies
+    (kill -9 included), as forked children close their copies at fork (_drop_locks_in_forked_child)
+    and exec'd ones never get one (os.open's descriptors are close-on-exec), so a stale lock never
+    blocks the relaunch. The file keeps the holder's pid and host for the message."""
 
     def __init__(self, run_dir: Path):
         import fcntl
@@ -163,10 +187,12 @@ class RunLock:
             os.close(self.fd)
             raise RunDirBusy(f"{run_dir} is in use by another fast-ressl process ({holder}); wait for it "
                              "to finish or stop it, or use another run.name / run.dir") from None
+        _HELD_LOCK_FDS.add(self.fd)
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
 
     def release(self) -> None:
         if self.fd >= 0:
+            _HELD_LOCK_FDS.discard(self.fd)
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = -1

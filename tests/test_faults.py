@@ -120,6 +120,43 @@ def test_a_second_process_on_the_run_dir_is_refused(tmp_path):
     assert after == list(range(after[0], 401)) and after[0] <= len(before) + 1
 
 
+def test_dataloader_workers_outliving_a_killed_holder_do_not_keep_the_lock(tmp_path):
+    """A flock is shared with forked children, and torch's DataLoader workers outlive a kill -9 of
+    their parent by up to 5 s (their watchdog's interval): an immediate relaunch (torchrun
+    --max-restarts, a scheduler) of a `data.loader=torch` run was refused as "in use" by the dead run.
+    Here a real holder with real workers is killed and the lock taken while its workers still live."""
+    from fast_ressl.checkpoint import RunLock
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, torch; from pathlib import Path; from fast_ressl.checkpoint import RunLock\n"
+        f"lock = RunLock(Path(r'{run}'))\n"
+        "it = iter(torch.utils.data.DataLoader(range(10**6), num_workers=2, persistent_workers=True))\n"
+        "next(it)\n"
+        "print(*[w.pid for w in it._workers], flush=True)\n"
+        "time.sleep(600)\n")], cwd=REPO, stdout=subprocess.PIPE, text=True, env=_env())
+    workers = [int(p) for p in holder.stdout.readline().split()]
+    assert len(workers) == 2, workers
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    try:
+        alive = []
+        for pid in workers:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        assert alive, "the workers were gone already: the test proves nothing"
+        RunLock(run).release()  # was RunDirBusy: "... in use by another fast-ressl process (pid N ...)"
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 # ----------------------------------------------------------------------------- 5. refused resume
 def test_a_refused_resume_leaves_config_yaml_alone(tmp_path):
     run = tmp_path / "run"
