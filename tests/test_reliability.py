@@ -133,6 +133,27 @@ def test_kill9_then_same_command_is_bitwise_exact(folder, uninterrupted, tmp_pat
     _assert_same_state(safe_load(uninterrupted / "checkpoints/last.pt"), safe_load(run / "checkpoints/last.pt"))
 
 
+def test_kill9_of_a_torch_loader_run_then_same_command_at_once_is_bitwise_exact(folder, tmp_path):
+    """The reference loader (torch DataLoader, 2 forked workers). Relaunched the moment the killed
+    process is reaped, as torchrun --max-restarts does: the workers it left (alive up to 5 s) once
+    kept the run's lock and the relaunch failed as 'in use' (test_faults tests the lock itself)."""
+    over = [*_folder_overrides(folder), "data.loader=torch", "data.num_threads=2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    out = _run(_cmd(*over, f"run.dir={a}"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    cmd = _cmd(*over, f"run.dir={b}")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=_env())
+    reached = _wait_for_step(b, proc, random.Random().randint(3, 10))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    out = _run(cmd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stdout, (reached, out.stdout)
+    assert [r["loss"] for r in _metrics(a)] == [r["loss"] for r in _metrics(b)], f"killed at step {reached}"
+    _assert_same_state(safe_load(a / "checkpoints/last.pt"), safe_load(b / "checkpoints/last.pt"))
+
+
 def test_sigterm_checkpoints_exits_143_and_resumes_at_next_step(folder, uninterrupted, tmp_path):
     run = tmp_path / "t"
     cmd = _cmd(*_folder_overrides(folder), f"run.dir={run}", "train.ckpt_every=100")
