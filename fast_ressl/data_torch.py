@@ -16,13 +16,20 @@ baseline and the fallback where DALI cannot be installed.
 Determinism and resume: the augmentation RNG of each sample is seeded from (data.seed, epoch, rank,
 position in the epoch), so a batch depends only on its place in the run; the state is (epoch,
 batches handed out) and a restore gives the same next batches.
+
+Stop signals: the workers ignore SIGTERM and SIGINT (`start_workers`); the trainer alone decides
+when to stop, at a step boundary with a checkpoint, and then stops them.
 """
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util
 import os
 import random
 import shutil
+import signal
 import sys
+import weakref
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -31,6 +38,61 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data import Batch, EndlessLoader, torch_dtype
 from .datasets import DataError, FileDataset, dataset_identity, epoch_block, pil_rgb, prepare_dataset
+
+
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """DataLoader worker_init_fn: ignore SIGTERM and SIGINT.
+
+    Stop signals often reach the whole process group: torchrun sends SIGTERM to each worker's group
+    on preemption (os.killpg), a batch scheduler signals every process of the job, Ctrl-C goes to the
+    terminal's foreground group. A worker killed by one makes torch raise "DataLoader worker (pid N)
+    is killed by signal: Terminated" in the trainer at whatever line it is on (seen inside the stop
+    checkpoint's config hash): a traceback and no checkpoint instead of exit 143 at a step boundary.
+    The trainer stops the workers itself (stop_workers); they also exit on their own within 5 s
+    (torch's MP_STATUS_CHECK_INTERVAL) of their parent's death."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()  # DataLoader iterators with live workers
+
+
+def start_workers(dl: DataLoader) -> Iterator:
+    """iter(dl), its workers leaving stop signals to the trainer (dl built with
+    worker_init_fn=_leave_stop_signals_to_the_trainer); stop them with stop_workers."""
+    it = iter(dl)
+    if dl.num_workers > 0:
+        _LIVE_ITERATORS.add(it)
+    return it
+
+
+def stop_workers(it: Iterator) -> None:
+    """torch's shutdown (a stop message to each worker, up to 5 s to exit), then SIGKILL for any
+    still running: they ignore SIGTERM, so torch's own fallback (terminate) cannot stop them."""
+    _LIVE_ITERATORS.discard(it)
+    if not hasattr(it, "_shutdown_workers"):
+        return
+    it._shutdown_workers()
+    for w in it._workers:
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)
+
+
+def _stop_workers_at_exit() -> None:
+    """Workers still running when the process exits: torch's own shutdown does nothing once its
+    exit flag is set, and multiprocessing's exit hook terminates its daemonic children with SIGTERM,
+    ignored here, and then joins them: it would wait for ever (seen: a probe hung until killed).
+    Registered twice so it runs before that join whatever the order of exit hooks: as an atexit hook
+    (hooks run last-registered first; this one is registered after torch's and multiprocessing's,
+    unless multiprocessing's get_logger() re-registers its hook later) and as a multiprocessing
+    finalizer (run inside multiprocessing's hook, before the join)."""
+    for it in list(_LIVE_ITERATORS):
+        stop_workers(it)
+
+
+atexit.register(_stop_workers_at_exit)
+multiprocessing.util.Finalize(None, _stop_workers_at_exit, exitpriority=0)
 
 
 class GaussianBlur:
@@ -246,8 +308,9 @@ class TorchLoader(EndlessLoader):
         dl = DataLoader(self._ds, batch_sampler=batches,
                         num_workers=w, collate_fn=_Collate(self.dtype),
                         pin_memory=self.device.type == "cuda", persistent_workers=False,
-                        prefetch_factor=self._prefetch if w > 0 else None)
-        self._it = iter(dl)
+                        prefetch_factor=self._prefetch if w > 0 else None,
+                        worker_init_fn=_leave_stop_signals_to_the_trainer)
+        self._it = start_workers(dl)
 
     def next_batch(self) -> Batch:
         if self.num_workers == 0:  # per-sample seeding must not disturb the trainer's global RNG
@@ -283,8 +346,8 @@ class TorchLoader(EndlessLoader):
     def close(self) -> None:
         """Stop the worker processes (also done when the loader is deleted)."""
         it, self._it = self._it, None
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
+        if it is not None:
+            stop_workers(it)
 
     def __del__(self) -> None:
         try:
@@ -365,6 +428,11 @@ class TorchEvalLoader:
             self._prefetch = fit_prefetch(w, 2, self.batch_size * (3 * size * size * 4 + 8), "eval loader")
         dl = DataLoader(_EvalDataset(self.dataset, self.transform), batch_size=self.batch_size,
                         shuffle=False, num_workers=w, pin_memory=self.device.type == "cuda",
-                        prefetch_factor=self._prefetch if w > 0 else None)
-        for x, y in dl:
-            yield _to_out(x, self.dtype), y.to(torch.int64)
+                        prefetch_factor=self._prefetch if w > 0 else None,
+                        worker_init_fn=_leave_stop_signals_to_the_trainer)  # the kNN monitor's too
+        it = start_workers(dl)
+        try:
+            for x, y in it:
+                yield _to_out(x, self.dtype), y.to(torch.int64)
+        finally:
+            stop_workers(it)

@@ -150,3 +150,35 @@ def test_torch_path_and_scan_never_import_dali():
     code = ("import sys, fast_ressl.data_torch, fast_ressl.datasets, fast_ressl.embedded, "
             "pipelines_dali.webdataset; assert not [m for m in sys.modules if m.startswith('nvidia.dali')]")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_workers_left_running_at_exit_neither_hang_the_exit_nor_outlive_it():
+    """The workers ignore SIGTERM (stop signals are the trainer's), so multiprocessing's exit hook,
+    which terminates daemonic children with SIGTERM and then joins them, would wait for ever on a
+    process that exits with its loader still running (a probe without data_torch's hooks hung until
+    killed); data_torch's hook stops them first. One worker is in a 60 s item when the process exits:
+    torch's shutdown waits 2 x 5 s for it, then it is killed."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import time, torch, fast_ressl.data_torch as dt\n"
+        "class Slow(torch.utils.data.Dataset):\n"
+        "    def __len__(self): return 100\n"
+        "    def __getitem__(self, i):\n"
+        "        time.sleep(60 if i == 1 else 0)\n"
+        "        return i\n"
+        "dl = torch.utils.data.DataLoader(Slow(), num_workers=2, prefetch_factor=1,\n"
+        "                                 worker_init_fn=dt._leave_stop_signals_to_the_trainer)\n"
+        "it = dt.start_workers(dl)\n"
+        "next(it)\n"
+        "print(*[w.pid for w in it._workers], flush=True)\n")  # exits here, the loader still running
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    took = time.time() - t0
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert took < 45, f"the exit took {took:.0f} s"  # torch's 5 s join per worker, then SIGKILL; never 60 s
+    for pid in map(int, out.stdout.split()):
+        assert not os.path.exists(f"/proc/{pid}"), f"worker {pid} outlived the process"

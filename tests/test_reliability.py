@@ -133,15 +133,26 @@ def test_kill9_then_same_command_is_bitwise_exact(folder, uninterrupted, tmp_pat
     _assert_same_state(safe_load(uninterrupted / "checkpoints/last.pt"), safe_load(run / "checkpoints/last.pt"))
 
 
-def test_kill9_of_a_torch_loader_run_then_same_command_at_once_is_bitwise_exact(folder, tmp_path):
-    """The reference loader (torch DataLoader, 2 forked workers). Relaunched the moment the killed
-    process is reaped, as torchrun --max-restarts does: the workers it left (alive up to 5 s) once
-    kept the run's lock and the relaunch failed as 'in use' (test_faults tests the lock itself)."""
-    over = [*_folder_overrides(folder), "data.loader=torch", "data.num_threads=2"]
-    a, b = tmp_path / "a", tmp_path / "b"
-    out = _run(_cmd(*over, f"run.dir={a}"))
+def _torch_overrides(folder):
+    """The reference loader: torch DataLoader with 2 forked worker processes."""
+    return [*_folder_overrides(folder), "data.loader=torch", "data.num_threads=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_torch(folder, tmp_path_factory):
+    run = tmp_path_factory.mktemp("rel") / "a_torch"
+    out = _run(_cmd(*_torch_overrides(folder), f"run.dir={run}"))
     assert out.returncode == 0, out.stderr[-3000:]
-    cmd = _cmd(*over, f"run.dir={b}")
+    return run
+
+
+def test_kill9_of_a_torch_loader_run_then_same_command_at_once_is_bitwise_exact(folder, uninterrupted_torch,
+                                                                                 tmp_path):
+    """Relaunched the moment the killed process is reaped, as torchrun --max-restarts does: the
+    workers it left (alive up to 5 s) once kept the run's lock and the relaunch failed as 'in use'
+    (test_faults tests the lock itself)."""
+    b = tmp_path / "b"
+    cmd = _cmd(*_torch_overrides(folder), f"run.dir={b}")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=_env())
     reached = _wait_for_step(b, proc, random.Random().randint(3, 10))
@@ -150,8 +161,33 @@ def test_kill9_of_a_torch_loader_run_then_same_command_at_once_is_bitwise_exact(
     out = _run(cmd)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from" in out.stdout, (reached, out.stdout)
-    assert [r["loss"] for r in _metrics(a)] == [r["loss"] for r in _metrics(b)], f"killed at step {reached}"
-    _assert_same_state(safe_load(a / "checkpoints/last.pt"), safe_load(b / "checkpoints/last.pt"))
+    assert [r["loss"] for r in _metrics(uninterrupted_torch)] == [r["loss"] for r in _metrics(b)], \
+        f"killed at step {reached}"
+    _assert_same_state(safe_load(uninterrupted_torch / "checkpoints/last.pt"), safe_load(b / "checkpoints/last.pt"))
+
+
+def test_sigterm_to_the_process_group_of_a_torch_loader_run_checkpoints_and_resumes(folder, uninterrupted_torch,
+                                                                                     tmp_path):
+    """SIGTERM to the whole process group (torchrun's os.killpg on preemption, a batch scheduler,
+    `kill -TERM -- -PGID`) reaches the DataLoader workers too. They used to die of it and torch raised
+    "DataLoader worker (pid N) is killed by signal: Terminated" in the trainer (exit 1, no checkpoint);
+    now they leave the signal to the trainer: exit 143 at a step boundary with a checkpoint."""
+    run = tmp_path / "g"
+    cmd = _cmd(*_torch_overrides(folder), f"run.dir={run}", "train.ckpt_every=100")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(), start_new_session=True)  # its own group, as under torchrun
+    _wait_for_step(run, proc, 3)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    stopped = safe_load(run / "checkpoints/last.pt")["step"]
+    assert 3 <= stopped < 12 and f"stopped at step {stopped}" in stdout
+    out = _run(cmd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"at step {stopped}" in out.stdout
+    lb = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lb] == list(range(1, 13))
+    assert [r["loss"] for r in lb] == [r["loss"] for r in _metrics(uninterrupted_torch)]
 
 
 def test_sigterm_checkpoints_exits_143_and_resumes_at_next_step(folder, uninterrupted, tmp_path):
