@@ -437,6 +437,8 @@ def stage_result(name: str, rec: Dict[str, Any]) -> str:
     res = rec.get("result")
     if rec.get("status") == "skipped":
         return rec.get("reason", "")
+    if rec.get("note"):  # dali: "already installed" (a warm machine's second call)
+        return rec["note"]
     if name == "data" and rec.get("stats"):
         s = rec["stats"]
         return f"{s['images']} JPEGs, {s['mean_width']:.0f}x{s['mean_height']:.0f} px, {s['mean_kb']:.0f} KB"

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# its siblings, and fast_ressl from this checkout where it is not installed (the GPU machine's Python)
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 import gpu_check  # noqa: E402
 import render_results  # noqa: E402
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
-from fast_ressl.bench import RESULT_COLUMNS, RESULT_JUSTIFY, result_cells
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fast_ressl, installed or not
+from fast_ressl.bench import RESULT_COLUMNS, RESULT_JUSTIFY, result_cells  # noqa: E402
 
 
 def render(report: dict) -> str:
