@@ -106,17 +106,38 @@ def folder(tmp_path_factory):
     return root
 
 
+# the DALI loader (the default) and the torch reference loader with 2 forked DataLoader workers
+LOADERS = {"dali": [], "torch": ["data.loader=torch", "data.num_threads=2"]}
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(folder, tmp_path_factory):
-    run = tmp_path_factory.mktemp("rel") / "a"
-    out = _run(_cmd(*_folder_overrides(folder), f"run.dir={run}"))
-    assert out.returncode == 0, out.stderr[-3000:]
-    return run
+def baselines(folder, tmp_path_factory):
+    """loader -> the run dir of an uninterrupted run with it, made on first use."""
+    runs = {}
+
+    def get(loader):
+        if loader not in runs:
+            run = tmp_path_factory.mktemp("rel") / f"a_{loader}"
+            out = _run(_cmd(*_folder_overrides(folder), *LOADERS[loader], f"run.dir={run}"))
+            assert out.returncode == 0, out.stderr[-3000:]
+            runs[loader] = run
+        return runs[loader]
+    return get
 
 
-def test_kill9_then_same_command_is_bitwise_exact(folder, uninterrupted, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(baselines):
+    return baselines("dali")
+
+
+@pytest.mark.parametrize("loader", list(LOADERS))
+def test_kill9_then_same_command_is_bitwise_exact(folder, baselines, tmp_path, loader):
+    """The same command again the moment the killed process is reaped, as torchrun --max-restarts
+    does. With the torch loader, the workers the killed run left (alive up to 5 s) once kept the
+    run's lock and the relaunch failed as 'in use' (test_faults tests the lock itself)."""
+    uninterrupted = baselines(loader)
     run = tmp_path / "b"
-    cmd = _cmd(*_folder_overrides(folder), f"run.dir={run}")
+    cmd = _cmd(*_folder_overrides(folder), *LOADERS[loader], f"run.dir={run}")
     kill_at = random.Random().randint(3, 10)  # a random step; printed on failure
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=_env())
@@ -133,47 +154,13 @@ def test_kill9_then_same_command_is_bitwise_exact(folder, uninterrupted, tmp_pat
     _assert_same_state(safe_load(uninterrupted / "checkpoints/last.pt"), safe_load(run / "checkpoints/last.pt"))
 
 
-def _torch_overrides(folder):
-    """The reference loader: torch DataLoader with 2 forked worker processes."""
-    return [*_folder_overrides(folder), "data.loader=torch", "data.num_threads=2"]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted_torch(folder, tmp_path_factory):
-    run = tmp_path_factory.mktemp("rel") / "a_torch"
-    out = _run(_cmd(*_torch_overrides(folder), f"run.dir={run}"))
-    assert out.returncode == 0, out.stderr[-3000:]
-    return run
-
-
-def test_kill9_of_a_torch_loader_run_then_same_command_at_once_is_bitwise_exact(folder, uninterrupted_torch,
-                                                                                 tmp_path):
-    """Relaunched the moment the killed process is reaped, as torchrun --max-restarts does: the
-    workers it left (alive up to 5 s) once kept the run's lock and the relaunch failed as 'in use'
-    (test_faults tests the lock itself)."""
-    b = tmp_path / "b"
-    cmd = _cmd(*_torch_overrides(folder), f"run.dir={b}")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=_env())
-    reached = _wait_for_step(b, proc, random.Random().randint(3, 10))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    out = _run(cmd)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "resumed from" in out.stdout, (reached, out.stdout)
-    assert [r["loss"] for r in _metrics(uninterrupted_torch)] == [r["loss"] for r in _metrics(b)], \
-        f"killed at step {reached}"
-    _assert_same_state(safe_load(uninterrupted_torch / "checkpoints/last.pt"), safe_load(b / "checkpoints/last.pt"))
-
-
-def test_sigterm_to_the_process_group_of_a_torch_loader_run_checkpoints_and_resumes(folder, uninterrupted_torch,
-                                                                                     tmp_path):
+def test_sigterm_to_the_process_group_of_a_torch_loader_run_checkpoints_and_resumes(folder, baselines, tmp_path):
     """SIGTERM to the whole process group (torchrun's os.killpg on preemption, a batch scheduler,
     `kill -TERM -- -PGID`) reaches the DataLoader workers too. They used to die of it and torch raised
     "DataLoader worker (pid N) is killed by signal: Terminated" in the trainer (exit 1, no checkpoint);
     now they leave the signal to the trainer: exit 143 at a step boundary with a checkpoint."""
     run = tmp_path / "g"
-    cmd = _cmd(*_torch_overrides(folder), f"run.dir={run}", "train.ckpt_every=100")
+    cmd = _cmd(*_folder_overrides(folder), *LOADERS["torch"], f"run.dir={run}", "train.ckpt_every=100")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env(), start_new_session=True)  # its own group, as under torchrun
     _wait_for_step(run, proc, 3)
@@ -187,7 +174,7 @@ def test_sigterm_to_the_process_group_of_a_torch_loader_run_checkpoints_and_resu
     assert f"at step {stopped}" in out.stdout
     lb = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lb] == list(range(1, 13))
-    assert [r["loss"] for r in lb] == [r["loss"] for r in _metrics(uninterrupted_torch)]
+    assert [r["loss"] for r in lb] == [r["loss"] for r in _metrics(baselines("torch"))]
 
 
 def test_sigterm_checkpoints_exits_143_and_resumes_at_next_step(folder, uninterrupted, tmp_path):
