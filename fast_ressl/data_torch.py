@@ -57,9 +57,10 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
 _LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()  # DataLoader iterators with live workers
 
 
-def start_workers(dl: DataLoader) -> Iterator:
-    """iter(dl), its workers leaving stop signals to the trainer (dl built with
-    worker_init_fn=_leave_stop_signals_to_the_trainer); stop them with stop_workers."""
+def start_workers(dataset: Dataset, **dataloader_kwargs) -> Iterator:
+    """iter(DataLoader(dataset, **dataloader_kwargs)), its workers leaving stop signals to the
+    trainer; stop them with stop_workers (or let the exit hook below do it)."""
+    dl = DataLoader(dataset, worker_init_fn=_leave_stop_signals_to_the_trainer, **dataloader_kwargs)
     it = iter(dl)
     if dl.num_workers > 0:
         _LIVE_ITERATORS.add(it)
@@ -305,12 +306,9 @@ class TorchLoader(EndlessLoader):
                            self.batch_size, self.epoch, self.step_in_epoch)
         if w > 0 and self._prefetch is None:  # checked once: the first start sizes every later one
             self._prefetch = fit_prefetch(w, 4, self.batch_bytes(), "torch loader")
-        dl = DataLoader(self._ds, batch_sampler=batches,
-                        num_workers=w, collate_fn=_Collate(self.dtype),
-                        pin_memory=self.device.type == "cuda", persistent_workers=False,
-                        prefetch_factor=self._prefetch if w > 0 else None,
-                        worker_init_fn=_leave_stop_signals_to_the_trainer)
-        self._it = start_workers(dl)
+        self._it = start_workers(self._ds, batch_sampler=batches, num_workers=w, collate_fn=_Collate(self.dtype),
+                                 pin_memory=self.device.type == "cuda", persistent_workers=False,
+                                 prefetch_factor=self._prefetch if w > 0 else None)
 
     def next_batch(self) -> Batch:
         if self.num_workers == 0:  # per-sample seeding must not disturb the trainer's global RNG
@@ -426,11 +424,10 @@ class TorchEvalLoader:
         if w > 0 and self._prefetch is None:  # once per loader: the kNN monitor iterates every epoch
             size = self.transform_size  # workers hand over fp32 (ToTensor + Normalize)
             self._prefetch = fit_prefetch(w, 2, self.batch_size * (3 * size * size * 4 + 8), "eval loader")
-        dl = DataLoader(_EvalDataset(self.dataset, self.transform), batch_size=self.batch_size,
-                        shuffle=False, num_workers=w, pin_memory=self.device.type == "cuda",
-                        prefetch_factor=self._prefetch if w > 0 else None,
-                        worker_init_fn=_leave_stop_signals_to_the_trainer)  # the kNN monitor's too
-        it = start_workers(dl)
+        # (the kNN monitor's loader too: a stop signal during its check must not kill its workers)
+        it = start_workers(_EvalDataset(self.dataset, self.transform), batch_size=self.batch_size,
+                           shuffle=False, num_workers=w, pin_memory=self.device.type == "cuda",
+                           prefetch_factor=self._prefetch if w > 0 else None)
         try:
             for x, y in it:
                 yield _to_out(x, self.dtype), y.to(torch.int64)

@@ -170,9 +170,7 @@ def test_workers_left_running_at_exit_neither_hang_the_exit_nor_outlive_it():
         "    def __getitem__(self, i):\n"
         "        time.sleep(60 if i == 1 else 0)\n"
         "        return i\n"
-        "dl = torch.utils.data.DataLoader(Slow(), num_workers=2, prefetch_factor=1,\n"
-        "                                 worker_init_fn=dt._leave_stop_signals_to_the_trainer)\n"
-        "it = dt.start_workers(dl)\n"
+        "it = dt.start_workers(Slow(), num_workers=2, prefetch_factor=1)\n"
         "next(it)\n"
         "print(*[w.pid for w in it._workers], flush=True)\n")  # exits here, the loader still running
     t0 = time.time()
