@@ -125,11 +125,6 @@ def baselines(folder, tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(baselines):
-    return baselines("dali")
-
-
 @pytest.mark.parametrize("loader", list(LOADERS))
 def test_kill9_then_same_command_is_bitwise_exact(folder, baselines, tmp_path, loader):
     """The same command again the moment the killed process is reaped, as torchrun --max-restarts
@@ -154,37 +149,22 @@ def test_kill9_then_same_command_is_bitwise_exact(folder, baselines, tmp_path, l
     _assert_same_state(safe_load(uninterrupted / "checkpoints/last.pt"), safe_load(run / "checkpoints/last.pt"))
 
 
-def test_sigterm_to_the_process_group_of_a_torch_loader_run_checkpoints_and_resumes(folder, baselines, tmp_path):
-    """SIGTERM to the whole process group (torchrun's os.killpg on preemption, a batch scheduler,
-    `kill -TERM -- -PGID`) reaches the DataLoader workers too. They used to die of it and torch raised
-    "DataLoader worker (pid N) is killed by signal: Terminated" in the trainer (exit 1, no checkpoint);
-    now they leave the signal to the trainer: exit 143 at a step boundary with a checkpoint."""
-    run = tmp_path / "g"
-    cmd = _cmd(*_folder_overrides(folder), *LOADERS["torch"], f"run.dir={run}", "train.ckpt_every=100")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(), start_new_session=True)  # its own group, as under torchrun
-    _wait_for_step(run, proc, 3)
-    os.killpg(proc.pid, signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr[-3000:]
-    stopped = safe_load(run / "checkpoints/last.pt")["step"]
-    assert 3 <= stopped < 12 and f"stopped at step {stopped}" in stdout
-    out = _run(cmd)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert f"at step {stopped}" in out.stdout
-    lb = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lb] == list(range(1, 13))
-    assert [r["loss"] for r in lb] == [r["loss"] for r in _metrics(baselines("torch"))]
-
-
-def test_sigterm_checkpoints_exits_143_and_resumes_at_next_step(folder, uninterrupted, tmp_path):
+@pytest.mark.parametrize("loader,to", [("dali", "process"), ("torch", "group")])
+def test_sigterm_checkpoints_exits_143_and_resumes_at_next_step(folder, baselines, tmp_path, loader, to):
+    """SIGTERM to the trainer alone (tini, `docker stop`), or to its whole process group (torchrun's
+    os.killpg on preemption, a batch scheduler), which reaches the torch loader's DataLoader workers
+    too: they used to die of it and torch raised "DataLoader worker (pid N) is killed by signal:
+    Terminated" in the trainer (exit 1, no checkpoint); now they leave the signal to the trainer."""
     run = tmp_path / "t"
-    cmd = _cmd(*_folder_overrides(folder), f"run.dir={run}", "train.ckpt_every=100")
+    cmd = _cmd(*_folder_overrides(folder), *LOADERS[loader], f"run.dir={run}", "train.ckpt_every=100")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env())
+                            env=_env(), start_new_session=to == "group")  # its own group, as under torchrun
     _wait_for_step(run, proc, 3)
     t0 = time.time()
-    proc.send_signal(signal.SIGTERM)
+    if to == "group":
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr[-3000:]
     stopped = safe_load(run / "checkpoints/last.pt")["step"]
@@ -197,7 +177,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes_at_next_step(folder, uninterr
     lb = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in lb]
     assert steps == list(range(1, 13))  # stopped at a step boundary: nothing lost, nothing repeated
-    assert [r["loss"] for r in lb] == [r["loss"] for r in _metrics(uninterrupted)]
+    assert [r["loss"] for r in lb] == [r["loss"] for r in _metrics(baselines(loader))]
 
 
 def _two_rank_run(run, *extra, fault=None, timeout=400):
