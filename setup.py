@@ -23,7 +23,10 @@ setup(
         "safetensors>=0.4",
         "pillow>=10",
         # DALI: the CUDA 13 build also runs its CPU-only mode (device_id=None) on machines without a GPU.
-        "nvidia-dali-cuda130>=2.0",
+        # >= 2.1: 2.0's DLPack graveyard thread aborts the process when its cudaDeviceSynchronize meets
+        # a CUDA-graph capture (model.compile_mode=reduce-overhead); 2.1 waits and retries (seen in
+        # both wheels' libdali.so; pipelines_dali/loader.py, "CUDA graphs").
+        "nvidia-dali-cuda130>=2.1",
         # Ships the real photographs and digits that the embedded demo data and benchmark JPEGs are made from.
         "scikit-learn>=1.3",
         "scikit-image>=0.22",

@@ -48,6 +48,19 @@ DLPack export makes torch's current stream wait for DALI's (`__dlpack__(stream)`
 torch lets go of is not handed back to DALI's pool at once but parked until a cudaDeviceSynchronize
 on a DALI thread completes (dali/pipeline/data/dltensor.cc, DLTensorGraveyard), so the loop may
 drop a batch while its kernels still read it (the host runs ahead; no record_stream is needed).
+
+CUDA graphs (model.compile_mode=reduce-overhead). DALI's threads keep using the GPU while inductor
+records the networks' graphs in steps 1-2 (and re-records later if it must): the decoding threads,
+an epoch built ahead, and the graveyard thread above, whose cudaDeviceSynchronize CUDA refuses with
+cudaErrorStreamCaptureUnsupported (900) while any stream of the device captures. Inductor captures
+in thread-local mode (torch/_inductor/cudagraph_trees.py: capture_error_mode="thread_local"), so the
+other threads' allocations and launches on their own streams are allowed, and DALI's graveyard
+retries a refused sync after a short wait (NVIDIA/DALI PR 6259). Seen in the wheels' libdali.so
+(objdump of DLTensorGraveyard::run): 2.1.0 and 2.4.0 compare the result with 900 and wait on a
+timed condition; 2.0.0 has neither and throws from its thread, which aborts the process
+("operation not permitted when stream is capturing", NVIDIA/DALI issue 3703), hence setup.py's
+nvidia-dali-cuda130>=2.1. Read from binaries and sources, not yet run on a GPU:
+tests/test_gpu_readiness.py's DALI + CUDA-graphs test runs it.
 """
 from __future__ import annotations
 
