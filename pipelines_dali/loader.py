@@ -197,6 +197,7 @@ class DaliTrainLoader(EndlessLoader):
         # batches scheduled: DALIGenericIterator keeps prefetch_queue_depth runs in flight.
         self.ahead_batches = max(1, int(self.data.prefetch_queue_depth))
         self._ahead: Optional[_Ahead] = None
+        self.end_epoch: Optional[int] = None  # end_at(): no epoch from this one on is built ahead
         self.builds: List[Tuple[str, int]] = []
         self.ahead_wait_s = 0.0
         # files that failed mid-run: {path: reason}; each is replaced inside its batch from then on
@@ -307,6 +308,13 @@ class DaliTrainLoader(EndlessLoader):
                                  prepare_first_batch=prepare_first_batch)
         return pipe, it
 
+    def end_at(self, step: int) -> None:
+        """The run stops after `step` batches in all (train.epochs, train.stop_at_step): no pipeline
+        is built ahead for an epoch it never reaches. On a GPU such a build allocates the decoder's
+        buffers (see above: GiBs at 12 threads) and decodes a batch, at the end of the run, beside
+        the final kNN check's own pipeline, and the process waits for it before it can exit."""
+        self.end_epoch = -(-step // self.steps_per_epoch)
+
     def _start_ahead(self) -> None:
         epoch = self.epoch + 1
         self.builds.append(("ahead", epoch))
@@ -356,7 +364,8 @@ class DaliTrainLoader(EndlessLoader):
         out = self._next_output()
         self.step_in_epoch += 1
         if (self.build_ahead and self._ahead is None
-                and self.steps_per_epoch - self.step_in_epoch <= self.ahead_batches):
+                and self.steps_per_epoch - self.step_in_epoch <= self.ahead_batches
+                and (self.end_epoch is None or self.epoch + 1 < self.end_epoch)):
             self._start_ahead()
         labels = out["labels"]
         if self.data.source == "webdataset":

@@ -220,6 +220,22 @@ def test_next_epoch_pipeline_is_built_ahead_not_in_its_first_next(jpeg_folder, m
     assert_same_batches(want, got)
 
 
+def test_no_pipeline_is_built_ahead_for_an_epoch_the_run_never_reaches(jpeg_folder):
+    """end_at(step), which the trainer calls with its last step: a run that ends with its last epoch,
+    or a batch before it (train.stop_at_step), starts no build of the next one; a caller that goes on
+    anyway gets its batches from a pipeline built on the boundary."""
+    L = _loader(jpeg_folder)
+    spe = L.steps_per_epoch
+    assert spe == 6 and L.ahead_batches == 2
+    L.end_at(2 * spe - 1)  # the last batch read is epoch 1's 5th, inside the 2 that start a build
+    for _ in range(2 * spe - 1):
+        next(L)
+    assert L.builds == [("sync", 0), ("ahead", 1)]
+    next(L)
+    b = next(L)  # past the end: epoch 2, built here
+    assert L.builds == [("sync", 0), ("ahead", 1), ("sync", 2)] and b.x_weak.shape[0] == 8
+
+
 def test_ahead_build_error_surfaces_on_the_epochs_first_batch(jpeg_folder, monkeypatch):
     L = _loader(jpeg_folder)
     real_make = DaliTrainLoader._make
@@ -371,18 +387,24 @@ def test_webdataset_shards_index_labels_and_bad_samples(messy_folder, tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 @pytest.mark.parametrize("loader", ["dali", "torch"])
-def test_messy_folder_trains_to_the_end_and_reports_exactly_the_bad_files(messy_folder, tmp_path, loader):
+def test_messy_folder_trains_to_the_end_and_reports_exactly_the_bad_files(messy_folder, tmp_path, loader,
+                                                                          monkeypatch):
     import json
 
-    from fast_ressl.train import train
+    from fast_ressl import train as T
 
+    kept = []
+    real = T.build_loader
+    monkeypatch.setattr(T, "build_loader", lambda *a: kept.append(real(*a)) or kept[-1])
     root, odd, bad = messy_folder
     cfg = load_config(None, tiny_overrides(root, **{
         "data.loader": loader, "model.backbone": "test_resnet", "model.proj_hidden_dim": 32,
         "model.proj_dim": 16, "method.compile_loss": "false", "train.epochs": 2,
         "train.log_every": 1, "optim.warmup_epochs": 0.5, "run.dir": str(tmp_path / "run")}))
-    summary = train(cfg, live=False)
+    summary = T.train(cfg, live=False)
     assert summary["status"] == "completed" and summary["step"] == 2 * (52 // 8)
+    if loader == "dali":  # the trainer told the loader where the run ends: no epoch 3 built ahead
+        assert kept[0].builds == [("sync", 0), ("ahead", 1)]
     assert sorted(summary["bad_files"]) == sorted(bad.values())
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert sorted(on_disk["bad_files"]) == sorted(bad.values())
