@@ -515,3 +515,37 @@ def test_gpu_hardware_decoder_share_changes_speed_not_images(tmp_path):
     for x, y in ((a.x_weak, c.x_weak), (a.x_strong[0], c.x_strong[0])):
         # normalised units (1/255 of a level is ~0.017): the decoders agree to about a level on average
         assert (x.float() - y.float()).abs().mean().item() < 0.05
+
+
+def _train_past_a_file_gone_bad(tmp_path, device: str, capsys):
+    """Scan a JPEG folder (the denylist is written beside it), overwrite one file with garbage, train
+    2 epochs of 6 steps on `device`: (summary, metrics rows, stderr, the file)."""
+    import json
+
+    from fast_ressl.datasets import prepare_dataset
+    from fast_ressl.train import train
+
+    root = tmp_path / "images"
+    make_jpeg_folder(root)
+    cfg = load_config(None, tiny_overrides(root, **{
+        "model.backbone": "test_resnet", "model.proj_hidden_dim": 32, "model.proj_dim": 16,
+        "method.compile_loss": "false", "train.epochs": 2, "train.log_every": 1, "optim.warmup_epochs": 0.5,
+        "run.device": device, "run.dir": str(tmp_path / "run")}))
+    assert prepare_dataset(cfg, progress=False).bad_files == []
+    victim = root / "class_1" / "img_004.JPEG"
+    victim.write_bytes(b"garbage" * 50)
+    capsys.readouterr()
+    summary = train(cfg, live=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    return summary, rows, capsys.readouterr().err, str(victim)
+
+
+@pytest.mark.gpu
+def test_gpu_mixed_decode_replaces_a_file_gone_bad_after_the_scan(tmp_path, capsys):
+    """DALI's mixed decoder (nvImageCodec on the GPU) fails a batch that holds a file overwritten
+    after the scan as the CPU decoder does (tests/test_faults.py checks that path on the CPU with 2
+    ranks): the file is replaced within its batch, every step runs, and its path is reported."""
+    summary, rows, err, victim = _train_past_a_file_gone_bad(tmp_path, "cuda", capsys)
+    assert summary["status"] == "completed" and summary["bad_files"] == [victim]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
+    assert f"{victim} failed to decode mid-run" in err
