@@ -80,7 +80,7 @@ for p in "$out"/part-*; do
   if [ "$p" != "$last" ]; then
     echo "  run(carry=[\"$rp\"], timeout_s=120, command=\"mkdir -p /tmp/dali-parts && cp $rp /tmp/dali-parts/\")"
   else
-    echo "  run(carry=[\"$rp\", \"$rel/SHA256SUMS\"], timeout_s=570, command=\"bash benchmarks/gpu_check.sh\")"
+    echo "  run(carry=[\"$rp\", \"$rel/SHA256SUMS\"], timeout_s=590, command=\"bash benchmarks/gpu_check.sh\")"
   fi
 done
 echo "gpu_check.sh unpacks them first (benchmarks/gpu_install.py: the last part beside SHA256SUMS, the"
