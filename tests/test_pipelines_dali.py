@@ -517,9 +517,9 @@ def test_gpu_hardware_decoder_share_changes_speed_not_images(tmp_path):
         assert (x.float() - y.float()).abs().mean().item() < 0.05
 
 
-def _train_past_a_file_gone_bad(tmp_path, device: str, capsys):
+def _train_past_a_file_gone_bad(tmp_path, device: str, capsys, loader: str = "dali"):
     """Scan a JPEG folder (the denylist is written beside it), overwrite one file with garbage, train
-    2 epochs of 6 steps on `device`: (summary, metrics rows, stderr, the file)."""
+    2 epochs of 6 steps on `device` with `loader`: (summary, metrics rows, stderr, the file)."""
     import json
 
     from fast_ressl.datasets import prepare_dataset
@@ -530,7 +530,7 @@ def _train_past_a_file_gone_bad(tmp_path, device: str, capsys):
     cfg = load_config(None, tiny_overrides(root, **{
         "model.backbone": "test_resnet", "model.proj_hidden_dim": 32, "model.proj_dim": 16,
         "method.compile_loss": "false", "train.epochs": 2, "train.log_every": 1, "optim.warmup_epochs": 0.5,
-        "run.device": device, "run.dir": str(tmp_path / "run")}))
+        "run.device": device, "data.loader": loader, "run.dir": str(tmp_path / "run")}))
     assert prepare_dataset(cfg, progress=False).bad_files == []
     victim = root / "class_1" / "img_004.JPEG"
     victim.write_bytes(b"garbage" * 50)
@@ -541,11 +541,14 @@ def _train_past_a_file_gone_bad(tmp_path, device: str, capsys):
 
 
 @pytest.mark.gpu
-def test_gpu_mixed_decode_replaces_a_file_gone_bad_after_the_scan(tmp_path, capsys):
-    """DALI's mixed decoder (nvImageCodec on the GPU) fails a batch that holds a file overwritten
-    after the scan as the CPU decoder does (tests/test_faults.py checks that path on the CPU with 2
-    ranks): the file is replaced within its batch, every step runs, and its path is reported."""
-    summary, rows, err, victim = _train_past_a_file_gone_bad(tmp_path, "cuda", capsys)
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_gpu_training_replaces_a_file_gone_bad_after_the_scan(tmp_path, capsys, loader):
+    """A training run on CUDA meets a file overwritten after the scan. dali: DALI's mixed decoder
+    (nvImageCodec on the GPU) fails the batch as the CPU decoder does (tests/test_faults.py checks
+    that path on the CPU with 2 ranks); torch: the reference loader's workers, their batches pinned
+    and copied to the GPU without blocking (the bench's reference preset runs this path). Either
+    way the file is replaced within its batch, every step runs, and its path is reported."""
+    summary, rows, err, victim = _train_past_a_file_gone_bad(tmp_path, "cuda", capsys, loader)
     assert summary["status"] == "completed" and summary["bad_files"] == [victim]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
     assert f"{victim} failed to decode mid-run" in err
