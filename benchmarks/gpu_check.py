@@ -106,8 +106,13 @@ class Runner:
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.stages: Dict[str, Dict[str, Any]] = {}
+        # TMPDIR under the scratch folder: what the stages leave in a temporary folder stays there
+        # (the killed run of the resume stage leaves DALI's autograph modules, 11 seen in /tmp after
+        # a CPU rehearsal), and so does inductor's cache, which every stage then shares
+        tmp = work / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                    "PYTHONUNBUFFERED": "1"}
+                    "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp)}
         # called after every stage: the report on disk is always current, so a call killed at the
         # device's limit still brings back every finished stage
         self.on_stage: Callable[[], None] = lambda: None

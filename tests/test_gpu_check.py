@@ -297,6 +297,16 @@ def test_a_stage_past_its_timeout_is_interrupted_first_and_keeps_its_results(tmp
     assert __import__("time").time() - t0 < 2 + gpu_check.GRACE_S + 5
 
 
+def test_stages_keep_their_temporary_files_in_the_scratch_folder(tmp_path):
+    """A stage's temporary files (a killed run's DALI autograph modules, inductor's cache) go under
+    --work, not /tmp."""
+    runner = gpu_check.Runner(tmp_path / "work", budget=600)
+    runner.min_stage_s = 0
+    code = "import tempfile; open(tempfile.mkstemp(prefix='left_')[1], 'w').close()"
+    assert runner.run("leaves_a_file", [sys.executable, "-c", code], timeout=30)["status"] == "ok"
+    assert [p.name[:5] for p in (tmp_path / "work" / "tmp").iterdir()] == ["left_"]
+
+
 def test_bound_named_from_step_loader_and_the_loader_without_augmentation():
     def report(**medians):  # {variant_mode: median}
         runs = {}
