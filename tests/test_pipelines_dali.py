@@ -453,6 +453,25 @@ def test_gpu_graphs_are_well_formed_without_a_gpu(jpeg_folder):
     # train: weak, 2 strong views, labels (+ the debug decisions, host values read on the CPU)
     assert devices["files"][:4] == ["gpu"] * 4 and set(devices["files"][4:]) == {"cpu"}, devices
     assert devices["webdataset"] == ["gpu"] * 4 and devices["eval"] == ["gpu"] * 2, devices
+    # every view from one decode: one image decoder in each graph, on the GPU ("mixed": the file is
+    # parsed on the host, decoded on the device); the graph is walked back through regular inputs
+    for name, pipe in pipes.items():
+        assert _decoders(pipe) == ["mixed"], (name, _decoders(pipe))
+
+
+def _decoders(pipe) -> list:
+    """The devices of the image decoders in a constructed (not built) DALI pipeline's graph, found by
+    walking back from its outputs (DALI 2.4's private DataNode.source / operator-instance fields)."""
+    seen, stack, found = set(), list(pipe._graph_out), []
+    while stack:
+        op = stack.pop().source
+        if op is None or id(op) in seen:
+            continue
+        seen.add(id(op))
+        stack.extend(op.inputs)
+        if type(op._op).__module__ == "nvidia.dali.ops.decoders" and type(op._op).__name__ == "Image":
+            found.append(op._op.device)
+    return found
 
 
 @pytest.mark.gpu
