@@ -28,7 +28,10 @@ budget_left_s minus ~100 s):
             with CUDA graphs (model.compile_mode=default, reduce-overhead), vs the fast default
 
 A stage that fails or times out is recorded and the next one runs; a stage that no longer fits in
-the budget is recorded as skipped. Everything goes to --out (default $OUT, else
+the budget is recorded as skipped, and the summary ends with the command of a later call that runs
+only what is left (`next_call` in gpu_check.json: --skip names every stage that passed; DALI is
+carried and the JPEGs made again, as a fresh machine needs; the loader mode then rides with the
+first model whose bench runs). Everything goes to --out (default $OUT, else
 bench_out/gpu_check), at most 7 files (the device tool brings back 8): gpu_check.json (machine,
 versions, settings, every stage's status, times and parsed results, the full bench reports),
 gpu_check.log (each stage's log tail), bench_<model>.json, tune_loader.json and tune_step.json (the
@@ -85,8 +88,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="cpu: a rehearsal of the script itself on a machine without a GPU (with small "
                    "--models/--size/--batch/--images; its figures mean nothing)")
     p.add_argument("--skip", default="",
-                   help="comma list of stages to skip (dali, pytest, bench, sync, resume, tune = "
-                   "tune_loader + tune_step)")
+                   help="comma list of stages to skip (dali, pytest, bench = every bench_<model>, "
+                   "bench_<model>, sync, resume, tune = tune_loader + tune_step); the summary prints "
+                   "the --skip of a later call that runs only what is left")
     p.add_argument("--tune", action="append", default=None, metavar="KEY=V1,V2,...",
                    help="the tune_loader stage's grid (bench --sweep; repeat per key; default "
                    "data.num_threads=4,8,12 and data.hw_decoder_load=0,0.65,0.95)")
@@ -520,7 +524,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     # the main model's bench and its host syncs per step, the other models' benches (RESULTS.md's
     # figures), then the CLI kill -9 + resume check (pytest -m gpu has already run one on synthetic
     # data: test_gpu_kill9_then_resume_is_bitwise_exact)
-    if models and "bench" not in skip:
+    # the loader mode (the pipeline alone, the same for every backbone) rides with the first model
+    # whose bench runs: a later call that skips the main model's bench (--skip bench_resnet50) still
+    # measures it, so every model's bound can be named
+    benched = [m for m in models if not skip & {"bench", f"bench_{m}"}]
+    if benched and benched[0] == models[0]:
         bench(models[0], True)
     if "sync" not in skip:
         sj = work / "sync.json"
@@ -529,8 +537,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                "--device", a.device, "--out", str(sj)]
         cmd += ["--data", str(bench_data)] if bench_data is not None else []
         runner.run("sync", cmd, timeout=100, result=lambda: load_json(sj))
-    for model in models[1:] if "bench" not in skip else []:
-        bench(model, False)
+    for model in benched:
+        if model != models[0]:
+            bench(model, model == benched[0])
     if "resume" not in skip:
         rj = work / "resume.json"
         runner.run("resume", [py, str(REPO / "benchmarks" / "gpu_resume_check.py"), "--work",
@@ -568,6 +577,7 @@ def write_report(a: argparse.Namespace, argv: Optional[List[str]], runner: Runne
               "wall_s": round(time.time() - runner.t0, 1), "bounds": bounds(runner, models),
               "stages": runner.stages}
     report["targets"] = targets(runner, models, report["bounds"])
+    report["next_call"] = next_call(a, report["command"][2:], runner)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     with open(out / "gpu_check.log", "w") as f:
         for name in runner.stages:  # in the order they ran (or were skipped)
@@ -576,6 +586,26 @@ def write_report(a: argparse.Namespace, argv: Optional[List[str]], runner: Runne
         if (work / name).exists():
             shutil.copy(work / name, out / name)
     return report
+
+
+def next_call(a: argparse.Namespace, args: List[str], runner: Runner) -> Dict[str, Any]:
+    """What a later call (a fresh machine: DALI carried again) has left to run, and its command: this
+    call's arguments with --skip naming every stage that passed here or was skipped by request.
+    `left`: the stages skipped for time, failed or timed out (dali and data are never skipped:
+    a fresh machine needs both)."""
+    left = [n for n, r in runner.stages.items() if n not in ("dali", "data") and r.get("status") != "ok"]
+    done = [n for n, r in runner.stages.items() if n not in ("dali", "data") and r.get("status") == "ok"]
+    skip = [n for n in a.skip.split(",") if n and n != "dali" and n not in done] + done
+    keep, i = [], 0
+    while i < len(args):  # this call's arguments without its --skip
+        if args[i] == "--skip":
+            i += 2
+            continue
+        if not args[i].startswith("--skip="):
+            keep.append(args[i])
+        i += 1
+    cmd = " ".join(["bash", "benchmarks/gpu_check.sh", *keep] + (["--skip", ",".join(skip)] if skip else []))
+    return {"left": left, "command": cmd if left else None}
 
 
 def _medians(report: Dict[str, Any], variant: str) -> Dict[str, float]:
@@ -615,7 +645,9 @@ def name_bound(model: str, report: Dict[str, Any], first: Dict[str, Any]) -> Opt
 
 def bounds(runner: Runner, models: List[str]) -> List[Dict[str, Any]]:
     reports = [runner.stages.get(f"bench_{m}", {}).get("result") or {} for m in models]
-    found = [name_bound(m, r, reports[0]) for m, r in zip(models, reports)] if models else []
+    # the loader figures: from the first bench that measured the loader mode
+    first = next((r for r in reports if _medians(r, "fast").get("loader") is not None), {})
+    found = [name_bound(m, r, first) for m, r in zip(models, reports)]
     return [b for b in found if b is not None]
 
 
@@ -679,6 +711,10 @@ def print_summary(a: argparse.Namespace, runner: Runner, info: Dict[str, Any], o
     print(table(["stage", "status", "seconds", "result"],
                 [[n, r.get("status", "?"), _fmt(r.get("seconds"), ".0f"), stage_result(n, r)]
                  for n, r in runner.stages.items()]))
+    nxt = report.get("next_call") or {}
+    if nxt.get("command"):
+        print(f"\nleft for a later call (skipped for time, failed or timed out): {', '.join(nxt['left'])}\n"
+              f"that call: {nxt['command']}")
     return 0 if all(r.get("status") == "ok" for r in runner.stages.values()) else 1
 
 

@@ -175,6 +175,36 @@ def test_cpu_rehearsal_runs_every_stage_and_reports(tmp_path):
     assert "model.compile=true model.compile_mode=" in q.stdout and "x the fast default" in q.stdout
 
 
+def test_a_later_call_skips_what_passed_and_still_names_every_bound(tmp_path):
+    """The follow-up call of a session whose budget ran out: --skip names the main model's bench
+    (it passed before), so the loader mode rides with the next model's bench and that model's bound
+    is still named; with nothing left, no further call is suggested."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    q = _bash("--device", "cpu", "--models", "test_resnet,test_efficientnet", "--size", "32", "--batch", "8",
+              "--images", "48", "--parallel", "2", "--warmup", "1", "--iters", "1", "--repeats", "1",
+              "--skip", "dali,pytest,sync,resume,tune,bench_test_resnet", "--out", str(out), "--work", str(work))
+    assert q.returncode == 0, q.stdout[-3000:] + q.stderr[-3000:]
+    import json
+
+    rep = json.loads((out / "gpu_check.json").read_text())
+    assert list(rep["stages"]) == ["data", "bench_test_efficientnet"]
+    bench = json.loads((out / "bench_test_efficientnet.json").read_text())
+    assert set(bench["settings"]["modes"]) == {"loader", "step", "e2e"}
+    assert [b["model"] for b in rep["bounds"]] == ["test_efficientnet"]
+    assert rep["next_call"] == {"left": [], "command": None} and "left for a later call" not in q.stdout
+
+
+def test_the_next_call_skips_what_passed_and_keeps_the_other_arguments():
+    runner = gpu_check.Runner.__new__(gpu_check.Runner)
+    runner.stages = {"dali": {"status": "ok"}, "data": {"status": "ok"}, "pytest": {"status": "timeout"},
+                     "bench_resnet50": {"status": "ok"}, "sync": {"status": "ok"},
+                     "bench_efficientnet_b0": {"status": "skipped"}, "resume": {"status": "failed"}}
+    args = ["--budget", "400", "--skip", "tune"]
+    nxt = gpu_check.next_call(gpu_check.parse_args(args), args, runner)
+    assert nxt == {"left": ["pytest", "bench_efficientnet_b0", "resume"],
+                   "command": "bash benchmarks/gpu_check.sh --budget 400 --skip tune,bench_resnet50,sync"}
+
+
 def test_resume_verdict_bitwise_or_to_the_control_runs_tolerance():
     """A control run that repeats A bit for bit makes the verdict bitwise; one that does not (a
     nondeterministic GPU kernel) makes it a tolerance as wide as the control's own distance (x2)."""
