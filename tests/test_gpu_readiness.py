@@ -365,17 +365,24 @@ def test_gpu_cudagraphs_run_like_default_compile(tmp_path, capsys):
     graph (the loop warns, with inductor's reason, for any that is not), and the 8 losses match
     model.compile_mode=default's, the same compiled kernels launched one by one (deterministic
     kernels in both runs; 1e-3 relative allows for any reordering inside a replay)."""
+    losses = _graphs_vs_default(tmp_path, capsys)
+    assert len(losses[1]) == 8 and torch.allclose(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-3), losses
+
+
+def _graphs_vs_default(tmp_path, capsys, *over) -> list:
+    """The same CUDA run (bf16, networks and loss compiled, deterministic kernels, `over`) with
+    model.compile_mode=default, then reduce-overhead; checks that the second ran every compiled graph
+    as a CUDA graph and skipped no step. Returns both runs' per-step losses."""
     base = ["run.device=cuda", "train.precision=bf16", "model.compile=true", "method.compile_loss=true",
-            "train.deterministic=true"]
+            "train.deterministic=true", *over]
     T.train(_cfg(tmp_path / "default", *base), live=False)
     capsys.readouterr()
     summary = T.train(_cfg(tmp_path / "graphs", *base, "model.compile_mode=reduce-overhead"), live=False)
     out = capsys.readouterr()
     assert "without CUDA graphs" not in out.out + out.err, out.out[-2000:]
     assert summary["skipped_steps"] == 0
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-              for run in ("default", "graphs")]
-    assert len(losses[1]) == 8 and torch.allclose(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-3), losses
+    return [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("default", "graphs")]
 
 
 @pytest.mark.gpu
@@ -402,15 +409,7 @@ def test_gpu_dali_feeding_cuda_graphs_runs_like_default_compile(tmp_path, jpeg_f
 
     real = T.build_loader
     monkeypatch.setattr(T, "build_loader", kept)
-    base = ["run.device=cuda", "data.source=folder", f"data.root={jpeg_folder}", "data.prefetch_queue_depth=4",
-            "train.precision=bf16", "model.compile=true", "method.compile_loss=true", "train.deterministic=true"]
-    T.train(_cfg(tmp_path / "default", *base), live=False)
-    capsys.readouterr()
-    summary = T.train(_cfg(tmp_path / "graphs", *base, "model.compile_mode=reduce-overhead"), live=False)
-    out = capsys.readouterr()
-    assert "without CUDA graphs" not in out.out + out.err, out.out[-2000:]
-    assert summary["skipped_steps"] == 0
+    losses = _graphs_vs_default(tmp_path, capsys, "data.source=folder", f"data.root={jpeg_folder}",
+                                "data.prefetch_queue_depth=4")
     assert loaders[-1].steps_per_epoch == 6 and loaders[-1].builds == [("sync", 0), ("ahead", 1)]
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-              for run in ("default", "graphs")]
     assert len(losses[1]) == 12 and torch.allclose(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-3), losses
