@@ -239,6 +239,50 @@ def test_gpu_loss_matches_float64_reference_under_the_run_backends():
     assert rel < 1e-4, rel
 
 
+def _compiled_loss_vs_float64(device: str) -> None:
+    """The loss function a run uses (build_loss_fn: the L2 normalisation and the relation loss in one
+    torch.compile'd graph, under the run's backends) against a float64 re-derivation on the CPU
+    written from the formula (-sum p_t log p_s, averaged over the batch).
+
+    Data shaped like training, not random: 8 queue entries near each key (cosine ~0.9) and each
+    student projection near its key, so p_t is peaked. On random data (cosines ~0.1) the loss sits
+    near log K and a reduced-precision matmul hardly moves it. Measured on the CPU with these
+    inputs: fp32 arithmetic is 1.1e-6 from float64 in the loss and 3.4e-6 in the gradient; bf16-
+    rounded q and queue move the gradient by 4.9e-3 (TF32's 10-bit mantissa would be ~8x less,
+    ~6e-4). Checked: the loss to 1e-5, the keys to 1e-6 and the gradient w.r.t. the student's
+    projections to 1e-4, relative."""
+    n, d, size, near = 256, 128, 16384, 8
+    cfg = load_config(None, ["data.source=synthetic", "method.compile_loss=true", f"method.queue_size={size}",
+                             f"train.batch_size={n}"])
+    T.configure_backends(device, deterministic=False)
+    g = torch.Generator().manual_seed(0)
+    norm = torch.nn.functional.normalize
+    k = norm(torch.randn(n, d, generator=g), dim=1)
+    bank = norm(torch.randn(size, d, generator=g), dim=1)
+    bank[:n * near] = norm(k.repeat_interleave(near, 0) + 0.5 * torch.randn(n * near, d, generator=g) / d ** 0.5,
+                           dim=1)
+    z_s = (k + 0.5 * torch.randn(n, d, generator=g) / d ** 0.5)[None]  # (V=1, N, D), not normalised
+    z_t = 3.0 * k  # (N, D): the loss normalises it
+    zs_dev = z_s.to(device, copy=True).requires_grad_(True)
+    loss, k_all = T.build_loss_fn(cfg)(zs_dev, z_t.to(device), bank.to(device), 1.0)
+    loss.backward()
+    zs = z_s.double().requires_grad_(True)  # z_s itself stays without grad: a separate leaf
+    q = zs[0] / zs[0].norm(dim=1, keepdim=True)
+    kd, bd = z_t.double() / z_t.double().norm(dim=1, keepdim=True), bank.double()
+    p_t = torch.softmax(kd @ bd.T / cfg.method.tau_t, dim=1)
+    ref = -(p_t * torch.log_softmax(q @ bd.T / cfg.method.tau_s, dim=1)).sum(1).mean()
+    ref.backward()
+    assert abs(loss.item() - ref.item()) / abs(ref.item()) < 1e-5, (loss.item(), ref.item())
+    assert (k_all.cpu().double() - kd).abs().max().item() < 1e-6
+    rel = ((zs_dev.grad.cpu().double() - zs.grad).norm() / zs.grad.norm()).item()
+    assert rel < 1e-4, rel
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_training_loss_matches_float64_reference():
+    _compiled_loss_vs_float64("cuda")
+
+
 @pytest.mark.gpu
 def test_gpu_rng_state_is_this_ranks_generator_only():
     st = T._rng_state(torch.device("cuda", 0))
