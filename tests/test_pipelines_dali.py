@@ -266,7 +266,12 @@ def test_bad_files_skipped_and_listed_odd_files_kept(messy_folder):
         assert torch.isfinite(b.x_weak.float()).all()
 
 
-def test_odd_files_decode_to_rgb_like_pil(messy_folder):
+# The GPU's decoders (nvImageCodec: nvJPEG, the hardware engines, its CPU fallback for what they
+# cannot take) may upsample chroma otherwise than libjpeg-turbo: 4 levels of 255 on average for
+# them, 2 for DALI's CPU decoder. A CMYK file read without Adobe's inversion, a grey one left with
+# one channel, or an ignored EXIF rotation is off by far more.
+@pytest.mark.parametrize("device,tolerance", [("cpu", 2.0), pytest.param("mixed", 4.0, marks=pytest.mark.gpu)])
+def test_odd_files_decode_to_rgb_like_pil(messy_folder, device, tolerance):
     from nvidia.dali import fn, pipeline_def, types
 
     from fast_ressl.datasets import pil_rgb
@@ -274,18 +279,19 @@ def test_odd_files_decode_to_rgb_like_pil(messy_folder):
     _, odd, _ = messy_folder
     files = list(odd.values())
 
-    @pipeline_def(batch_size=len(files), num_threads=1, device_id=None)
+    @pipeline_def(batch_size=len(files), num_threads=1, device_id=None if device == "cpu" else 0)
     def decode():
         enc, _ = fn.readers.file(files=files)
-        return fn.decoders.image(enc, device="cpu", output_type=types.RGB)
+        return fn.decoders.image(enc, device=device, output_type=types.RGB)
 
     pipe = decode()
     pipe.build()
     (out,) = pipe.run()
+    out = out if device == "cpu" else out.as_cpu()
     for i, (kind, path) in enumerate(odd.items()):
         got, want = np.array(out[i]), np.asarray(pil_rgb(path))
         assert got.shape == want.shape and got.shape[2] == 3, kind
-        assert np.abs(got.astype(int) - want).mean() < 2.0, kind
+        assert np.abs(got.astype(int) - want).mean() < tolerance, kind
     assert np.array(out[files.index(odd["exif"])]).shape[:2] == (48, 32)  # rotated by EXIF
 
 
