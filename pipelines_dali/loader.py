@@ -32,11 +32,13 @@ batches already handed out in it and DALI's checkpoint string of the pipeline (r
 every RNG) after the last batch handed out. `load_state_dict` rebuilds that epoch's pipeline from the
 string, so the next batches equal those of the uninterrupted run bit for bit.
 
-A file that goes bad after the scan (overwritten, truncated, deleted) makes DALI fail its whole
-batch (DALI cannot ask its reader for a replacement sample). The loader then decodes the files of
-the failed batch and of the batches in flight, and each file that fails is replaced by another file
-of its batch (so every rank keeps the same number of batches and steps); the rest of the epoch is
-read by a new pipeline ("segment") that starts at the failed batch. The replacements and the segment
+A file that goes bad after the scan (overwritten, truncated, deleted), or one that the scan's PIL
+decodes but DALI's decoder cannot (a bilevel TIFF; on a GPU, whatever its decoders reject), makes
+DALI fail its whole batch (DALI cannot ask its reader for a replacement sample). The loader then
+decodes the files of the failed batch and of the batches in flight (with PIL, then, if they all
+pass, with DALI's decoder alone), and each file that fails is replaced by another file of its
+batch (so every rank keeps the same number of batches and steps); the rest of the epoch is read by
+a new pipeline ("segment") that starts at the failed batch. The replacements and the segment
 start are part of `state_dict`, so a resume rebuilds the same batches; the path is reported, kept in
 `bad_files` (-> summary.json) and `midrun_bad` (-> metrics.jsonl). Webdataset samples are checked
 when their index is written (`fast-ressl wds-index`); a shard that goes bad later still stops the run.
@@ -65,7 +67,11 @@ tests/test_gpu_readiness.py's DALI + CUDA-graphs test runs it.
 from __future__ import annotations
 
 import base64
+import json
 import os
+import re
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -82,10 +88,82 @@ from fast_ressl.datasets import (DataError, FileDataset, check_image, dataset_id
 from .pipeline import DEBUG_KEYS, eval_pipeline, train_pipeline
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # DALI colours its error lines
+
+
 def _device_id(device: torch.device) -> Optional[int]:
     if device.type != "cuda":
         return None
     return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _dali_error(files: List[str], data, device_id: Optional[int]) -> Optional[str]:
+    """None if DALI's decoder (on `device_id`'s GPU, or the CPU) decodes every file, else why not.
+    Asked in a child process (pipelines_dali/decode_check.py: a decoder crash ends the child, not
+    this run)."""
+    req = {"files": files, "device_id": device_id, "num_threads": int(data.num_threads),
+           "hw_decoder_load": float(data.hw_decoder_load)}
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where pipelines_dali is
+    env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    q = subprocess.run([sys.executable, "-m", "pipelines_dali.decode_check"], input=json.dumps(req), env=env,
+                       capture_output=True, text=True, timeout=600)
+    if q.returncode == 0:
+        return None
+    if q.returncode < 0:
+        return f"DALI's decoder crashed ({signal.Signals(-q.returncode).name})"
+    # DALI's message: where the operator was defined, then "encountered:" and the cause
+    text = _ANSI.sub("", q.stderr)
+    cause = re.search(r"encountered:\s*(.+?)\s*(?:Current pipeline object|$)", text, re.S)
+    why = cause.group(1) if cause else (text.strip().splitlines() or [f"exit status {q.returncode}"])[-1]
+    return " ".join(why.split())[:300]
+
+
+def undecodable(files: List[str], data, device_id: Optional[int]) -> Dict[str, str]:
+    """{path: reason} for the files that DALI's decoder cannot decode although PIL can (the scan
+    and check_image decode with PIL), found by halving: decoder-only pipelines over the failing
+    halves, each in a child process (_dali_error), about 2 * log2(len(files)) of them per such
+    file, each decoding its half once (0.36 s a child on this 2-core CPU: 11 children, 3.9 s, for
+    a bilevel TIFF among 32 files; a rare event).
+
+    Seen on the CPU: a bilevel (1-bit) TIFF, which PIL writes without the optional BitsPerSample
+    tag, fails DALI 2.4's TIFF parser ("missing: BitsPerSample"). On a GPU the mixed decoder
+    (nvImageCodec) has decoders of its own, so it is asked there, with the training pipeline's
+    settings."""
+    found: Dict[str, str] = {}
+
+    def search(group: List[str], reason: str) -> None:
+        if len(group) == 1:
+            found[group[0]] = f"DALI cannot decode it: {reason}; PIL reads it as {_pil_kind(group[0])}"
+            return
+        for half in (group[:len(group) // 2], group[len(group) // 2:]):
+            err = _dali_error(half, data, device_id)
+            if err is not None:
+                search(half, err)
+
+    err = _dali_error(files, data, device_id) if files else None
+    if err is not None:
+        search(files, err)
+    return found
+
+
+def failed_files(files: List[str], data, device_id: Optional[int]) -> Dict[str, str]:
+    """{path: reason} for the files of a batch DALI failed (and of those in flight behind it) that
+    PIL cannot decode (check_image: gone bad since the scan), else, if PIL decodes them all, those
+    that DALI's own decoder cannot (undecodable)."""
+    files = list(dict.fromkeys(files))
+    found = {p: r for p in files if (r := check_image(p)) is not None}
+    return found or undecodable(files, data, device_id)
+
+
+def _pil_kind(path: str) -> str:
+    """'TIFF, mode 1' (what to look for in the file)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return f"{img.format}, mode {img.mode}"
+    except Exception as err:  # noqa: BLE001 - only a description
+        return f"nothing ({type(err).__name__})"
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -231,18 +309,16 @@ class DaliTrainLoader(EndlessLoader):
 
     def _replace_failed(self, err: BaseException) -> bool:
         """After DALI failed a batch: decode the files of the first batch not handed out and of the
-        batches in flight behind it; replace the bad ones and rebuild the rest of the epoch from that
-        batch. False when every file decodes (the error is not the data's: the caller re-raises)."""
+        batches in flight behind it with PIL (check_image), and where PIL decodes them all, with
+        DALI's own decoder (undecodable); replace the bad ones and rebuild the rest of the epoch from
+        that batch. False when every file decodes both ways (the error is not the data's: the caller
+        re-raises)."""
         if self.dataset is None:
             return False
         files, _ = self.epoch_files(self.epoch)
         b, n = self.step_in_epoch, self.batch_size
         window = files[b * n:(b + 2 + self.ahead_batches) * n]
-        found = {}
-        for path in dict.fromkeys(window):
-            reason = check_image(path)
-            if reason is not None:
-                found[path] = reason
+        found = failed_files(window, self.data, _device_id(self.device))
         if not found:
             return False
         for path, reason in found.items():
@@ -426,7 +502,9 @@ class DaliEvalLoader:
     Images: resize the shorter side to data.eval_resize, center crop data.weak.size (or `size`),
     normalise; channels_last NCHW in data.dtype. Every file is seen exactly once (the last batch is
     smaller); with world_size > 1 each rank sees its shard. Bad files are skipped via the denylist
-    scan like training (`bad_files`).
+    scan like training (`bad_files`), and a file that fails in DALI after the scan passed it (gone
+    bad since, or one only PIL decodes) is found as in training, reported, added to `bad_files` and
+    left out of this pass and later ones: an online kNN check must not end a training run.
     """
 
     def __init__(self, cfg, root: str | FileDataset, device: torch.device | str = "cpu",
@@ -452,24 +530,54 @@ class DaliEvalLoader:
         self.size = size or d.weak.size
         self.resize_shorter = resize_shorter or d.eval_resize
         n = len(ds)
-        self.shard_size = n * (rank + 1) // world_size - n * rank // world_size  # DALI's split
+        lo, hi = n * rank // world_size, n * (rank + 1) // world_size  # DALI's split of a reader's files
+        self._files, self._labels = list(ds.files[lo:hi]), list(ds.labels[lo:hi])
+        self.shard_size = hi - lo
 
     def __len__(self) -> int:
-        return -(-self.shard_size // self.batch_size)
+        return -(-len(self._files) // self.batch_size)
 
-    def __iter__(self):
+    def _pipeline(self, start: int) -> DALIGenericIterator:
+        """The pass from this shard's file `start` on (the rank's files, read as one shard)."""
         d = self.cfg.data
-        pipe = eval_pipeline(d, self.dataset.files, self.dataset.labels, self.size, self.resize_shorter,
-                             gpu=self.device.type == "cuda", shard_id=self.rank,
-                             num_shards=self.world_size, batch_size=self.batch_size,
+        pipe = eval_pipeline(d, self._files[start:], self._labels[start:], self.size, self.resize_shorter,
+                             gpu=self.device.type == "cuda", batch_size=self.batch_size,
                              num_threads=d.num_threads, device_id=_device_id(self.device), seed=d.seed)
         pipe.build()
-        it = DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
-                                 last_batch_policy=_partial())
-        for out in it:
-            out = out[0]
-            yield _to_torch_image(out["images"], self.dtype), out["labels"].reshape(-1).to(torch.int64)
-        del it, pipe
+        return DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader", last_batch_policy=_partial())
+
+    def _drop_failed(self, start: int) -> bool:
+        """After DALI failed a batch: the bad files of the batches from `start` on that DALI had in
+        flight (PIL first, then DALI's decoder alone), left out from now on; False if none."""
+        window = self._files[start:start + (2 + max(1, int(self.cfg.data.prefetch_queue_depth))) * self.batch_size]
+        found = failed_files(window, self.cfg.data, _device_id(self.device))
+        for path, reason in found.items():
+            print(f"fast-ressl: rank {self.rank}: {path} failed to decode in the eval pass ({reason}); "
+                  "left out of it; `fast-ressl scan` refreshes the denylist", file=sys.stderr)
+            self.bad_files.append(path)
+        keep = [i for i, p in enumerate(self._files) if p not in found]
+        self._files, self._labels = [self._files[i] for i in keep], [self._labels[i] for i in keep]
+        return bool(found)
+
+    def __iter__(self):
+        if not self._files:  # more ranks than files
+            return
+        done, it = 0, self._pipeline(0)
+        while True:
+            try:
+                out = next(it)[0]
+            except StopIteration:
+                break
+            except RuntimeError:  # DALI failed a batch: a bad file, else not the data's error
+                del it
+                if not self._drop_failed(done):
+                    raise
+                it = self._pipeline(done)
+                continue
+            x = _to_torch_image(out["images"], self.dtype)
+            done += x.shape[0]
+            yield x, out["labels"].reshape(-1).to(torch.int64)
+        del it
 
 
 def _partial():

@@ -38,16 +38,25 @@ def read_webdataset(paths: Sequence[str], index_paths: Sequence[str], shard_id: 
     return image, cls
 
 
-def decode(encoded, data, gpu: bool):
-    """Decode once to uint8 RGB HWC (EXIF orientation applied; gray/CMYK/PNG converted to RGB)."""
+def decode(encoded, data, gpu: bool, preallocate: bool = True):
+    """Decode once to uint8 RGB HWC (EXIF orientation applied; gray/CMYK/PNG converted to RGB).
+    preallocate=False leaves out the GPU decoder's allocation hints (no effect on what it decodes)."""
     if gpu:
+        hints = dict(device_memory_padding=data.device_memory_padding,
+                     host_memory_padding=data.host_memory_padding,
+                     preallocate_width_hint=data.preallocate_width_hint,
+                     preallocate_height_hint=data.preallocate_height_hint) if preallocate else {}
         return fn.decoders.image(encoded, device="mixed", output_type=types.RGB,
-                                 hw_decoder_load=data.hw_decoder_load,
-                                 device_memory_padding=data.device_memory_padding,
-                                 host_memory_padding=data.host_memory_padding,
-                                 preallocate_width_hint=data.preallocate_width_hint,
-                                 preallocate_height_hint=data.preallocate_height_hint)
+                                 hw_decoder_load=data.hw_decoder_load, **hints)
     return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+
+
+@pipeline_def
+def decode_pipeline(data, files: List[str], gpu: bool = False):
+    """The files, in order, through the training pipeline's decoder alone (batch = all of them):
+    which of a failed batch's files DALI itself cannot decode (loader.undecodable)."""
+    encoded, _ = fn.readers.file(files=list(files), random_shuffle=False)
+    return decode(encoded, data, gpu, preallocate=False)
 
 
 def out_dtype(dtype: str, gpu: bool) -> str:
@@ -86,12 +95,11 @@ def train_pipeline(data, source: str, gpu: bool = False, debug: bool = False,
 
 @pipeline_def
 def eval_pipeline(data, files: List[str], labels: List[int], size: int, resize_shorter: int,
-                  gpu: bool = False, shard_id: int = 0, num_shards: int = 1):
+                  gpu: bool = False):
     """Resize shorter side -> center crop -> normalise, in file order; pad_last_batch so that every
-    file is read exactly once per epoch (the loader trims the padding)."""
+    file is read exactly once per epoch (the loader trims the padding). The caller shards `files`."""
     encoded, lab = fn.readers.file(files=list(files), labels=list(labels), random_shuffle=False,
-                                   shard_id=shard_id, num_shards=num_shards, pad_last_batch=True,
-                                   name=READER_NAME)
+                                   pad_last_batch=True, name=READER_NAME)
     images = decode(encoded, data, gpu)
     x = center_view(images, size, resize_shorter, data.mean, data.std, out_dtype(data.dtype, gpu))
     return x, (lab.gpu() if gpu else lab)

@@ -347,6 +347,26 @@ def test_eval_loader_sees_every_file_once_center_crop(jpeg_folder):
     assert torch.equal(x, again)  # deterministic
 
 
+def test_eval_pass_leaves_out_a_file_only_pil_decodes(jpeg_folder, capsys):
+    """A bilevel TIFF in the eval folder passes the scan (PIL decodes it) but fails DALI's TIFF
+    parser: the pass used to raise, and through the online kNN monitor end the training run at each
+    epoch's end. Now the file is found, reported once, left out of this pass and the next, and
+    every other image comes through with its label."""
+    from PIL import Image
+
+    tif = jpeg_folder / "class_1" / "odd_bilevel.tif"
+    Image.open(jpeg_folder / "class_1" / "img_004.JPEG").convert("1").save(tif, format="TIFF")
+    cfg = _cfg(jpeg_folder, **{"data.eval_resize": 40})
+    E = DaliEvalLoader(cfg, str(jpeg_folder), CPU, batch_size=20, progress=False)
+    assert str(tif) in E.dataset.files and E.bad_files == []  # the scan passed it
+    want = [y for f, y in zip(E.dataset.files, E.dataset.labels) if f != str(tif)]
+    capsys.readouterr()
+    xs, ys = zip(*list(E))
+    assert torch.cat(xs).shape[0] == 48 and torch.cat(ys).tolist() == want
+    assert E.bad_files == [str(tif)] and capsys.readouterr().err.count("failed to decode in the eval pass") == 1
+    assert torch.cat([y for _, y in E]).tolist() == want and "failed to decode" not in capsys.readouterr().err
+
+
 def test_parse_ascii_labels():
     raw = torch.tensor([list(b"17\n         "), list(b"0           "), list(b"  205       ")],
                        dtype=torch.uint8)
@@ -548,27 +568,44 @@ def test_gpu_hardware_decoder_share_changes_speed_not_images(tmp_path):
         assert (x.float() - y.float()).abs().mean().item() < 0.05
 
 
-def _train_past_a_file_gone_bad(tmp_path, device: str, capsys, loader: str = "dali"):
-    """Scan a JPEG folder (the denylist is written beside it), overwrite one file with garbage, train
-    2 epochs of 6 steps on `device` with `loader`: (summary, metrics rows, stderr, the file)."""
+def _train_with_a_bad_file(tmp_path, device: str, capsys, loader: str = "dali", bilevel_tiff: bool = False):
+    """Scan a JPEG folder (the denylist is written beside it), then overwrite one file with garbage,
+    or, with bilevel_tiff, add a 1-bit TIFF before the scan (PIL decodes it: the scan passes it);
+    train 2 epochs of 6 steps on `device` with `loader`: (summary, metrics rows, stderr, the file)."""
     import json
+
+    from PIL import Image
 
     from fast_ressl.datasets import prepare_dataset
     from fast_ressl.train import train
 
     root = tmp_path / "images"
     make_jpeg_folder(root)
+    victim = root / "class_1" / ("odd_bilevel.tif" if bilevel_tiff else "img_004.JPEG")
+    if bilevel_tiff:
+        Image.open(root / "class_1" / "img_004.JPEG").convert("1").save(victim, format="TIFF")
     cfg = load_config(None, tiny_overrides(root, **{
         "model.backbone": "test_resnet", "model.proj_hidden_dim": 32, "model.proj_dim": 16,
         "method.compile_loss": "false", "train.epochs": 2, "train.log_every": 1, "optim.warmup_epochs": 0.5,
         "run.device": device, "data.loader": loader, "run.dir": str(tmp_path / "run")}))
     assert prepare_dataset(cfg, progress=False).bad_files == []
-    victim = root / "class_1" / "img_004.JPEG"
-    victim.write_bytes(b"garbage" * 50)
+    if not bilevel_tiff:
+        victim.write_bytes(b"garbage" * 50)
     capsys.readouterr()
     summary = train(cfg, live=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     return summary, rows, capsys.readouterr().err, str(victim)
+
+
+def test_a_file_only_pil_decodes_is_replaced_not_fatal(tmp_path, capsys):
+    """A bilevel TIFF passes the scan (PIL decodes it) but not DALI's TIFF parser ("missing:
+    BitsPerSample"). Its batch failed, every file of it decoded with PIL, so the error was taken for
+    not the data's and the run ended there, at the same step on every relaunch. Now DALI's own
+    decoder is asked too: the file is replaced within its batch, reported, and every step runs."""
+    summary, rows, err, victim = _train_with_a_bad_file(tmp_path, "cpu", capsys, bilevel_tiff=True)
+    assert summary["status"] == "completed" and summary["bad_files"] == [victim]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
+    assert f"{victim} failed to decode mid-run (DALI cannot decode it: " in err
 
 
 @pytest.mark.gpu
@@ -579,7 +616,7 @@ def test_gpu_training_replaces_a_file_gone_bad_after_the_scan(tmp_path, capsys, 
     that path on the CPU with 2 ranks); torch: the reference loader's workers, their batches pinned
     and copied to the GPU without blocking (the bench's reference preset runs this path). Either
     way the file is replaced within its batch, every step runs, and its path is reported."""
-    summary, rows, err, victim = _train_past_a_file_gone_bad(tmp_path, "cuda", capsys, loader)
+    summary, rows, err, victim = _train_with_a_bad_file(tmp_path, "cuda", capsys, loader)
     assert summary["status"] == "completed" and summary["bad_files"] == [victim]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
     assert f"{victim} failed to decode mid-run" in err
