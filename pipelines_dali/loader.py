@@ -530,9 +530,8 @@ class DaliEvalLoader:
         self.size = size or d.weak.size
         self.resize_shorter = resize_shorter or d.eval_resize
         n = len(ds)
-        lo, hi = n * rank // world_size, n * (rank + 1) // world_size  # DALI's split of a reader's files
+        lo, hi = n * rank // world_size, n * (rank + 1) // world_size  # the split DALI's sharded reader made
         self._files, self._labels = list(ds.files[lo:hi]), list(ds.labels[lo:hi])
-        self.shard_size = hi - lo
 
     def __len__(self) -> int:
         return -(-len(self._files) // self.batch_size)
@@ -572,6 +571,8 @@ class DaliEvalLoader:
                 del it
                 if not self._drop_failed(done):
                     raise
+                if done == len(self._files):  # the bad files were the pass's last
+                    return
                 it = self._pipeline(done)
                 continue
             x = _to_torch_image(out["images"], self.dtype)
