@@ -105,8 +105,11 @@ def _dali_error(files: List[str], data, device_id: Optional[int]) -> Optional[st
            "hw_decoder_load": float(data.hw_decoder_load)}
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where pipelines_dali is
     env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    q = subprocess.run([sys.executable, "-m", "pipelines_dali.decode_check"], input=json.dumps(req), env=env,
-                       capture_output=True, text=True, timeout=600)
+    try:
+        q = subprocess.run([sys.executable, "-m", "pipelines_dali.decode_check"], input=json.dumps(req), env=env,
+                           capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:  # a hung decoder is an answer too (run() has killed the child)
+        return "DALI's decoder did not finish in 600 s"
     if q.returncode == 0:
         return None
     if q.returncode < 0:
