@@ -37,7 +37,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data import Batch, EndlessLoader, torch_dtype
-from .datasets import DataError, FileDataset, dataset_identity, epoch_block, pil_rgb, prepare_dataset
+from .datasets import (DataError, FileDataset, check_image, dataset_identity, epoch_block, pil_rgb,
+                       prepare_dataset)
 
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
@@ -385,6 +386,26 @@ class _EvalDataset(Dataset):
         return self.transform(pil_rgb(self.ds.files[i])), self.ds.labels[i]
 
 
+class _EvalItems(_EvalDataset):
+    """(image or None, label, path, None or why it failed): a file gone bad since the scan is
+    reported by the loader, not raised in a worker (which would end the pass, and through the kNN
+    monitor the training run)."""
+
+    def __getitem__(self, i: int):
+        path = self.ds.files[i]
+        try:
+            return self.transform(pil_rgb(path)), self.ds.labels[i], path, None
+        except Exception:  # noqa: BLE001 - whatever PIL raised; check_image says it plainly
+            return None, self.ds.labels[i], path, check_image(path) or "cannot decode"
+
+
+def _collate_good(items) -> Tuple[torch.Tensor, torch.Tensor, List[Tuple[str, str]]]:
+    """(N, 3, H, W) images and (N,) labels of the items that decoded, and [(path, reason)] of the rest."""
+    good = [(x, y) for x, y, _, bad in items if bad is None]
+    x = torch.stack([x for x, _ in good]) if good else torch.empty(0)
+    return x, torch.tensor([y for _, y in good], dtype=torch.int64), [(p, r) for _, _, p, r in items if r]
+
+
 class TorchEvalLoader:
     """One pass over a class-folder root (or FileDataset): (images, labels), resize shorter side to
     data.eval_resize -> center crop data.weak.size -> normalise; channels_last, data.dtype; every
@@ -425,11 +446,24 @@ class TorchEvalLoader:
             size = self.transform_size  # workers hand over fp32 (ToTensor + Normalize)
             self._prefetch = fit_prefetch(w, 2, self.batch_size * (3 * size * size * 4 + 8), "eval loader")
         # (the kNN monitor's loader too: a stop signal during its check must not kill its workers)
-        it = start_workers(_EvalDataset(self.dataset, self.transform), batch_size=self.batch_size,
+        it = start_workers(_EvalItems(self.dataset, self.transform), batch_size=self.batch_size,
                            shuffle=False, num_workers=w, pin_memory=self.device.type == "cuda",
-                           prefetch_factor=self._prefetch if w > 0 else None)
+                           prefetch_factor=self._prefetch if w > 0 else None, collate_fn=_collate_good)
+        found: List[str] = []
         try:
-            for x, y in it:
-                yield _to_out(x, self.dtype), y.to(torch.int64)
+            for x, y, bad in it:
+                for path, reason in bad:
+                    print(f"fast-ressl: {path} failed to decode in the eval pass ({reason}); left out of "
+                          "it; `fast-ressl scan` refreshes the denylist", file=sys.stderr)
+                    found.append(path)
+                if y.numel():
+                    yield _to_out(x, self.dtype), y
         finally:
             stop_workers(it)
+            if found:  # left out of later passes too
+                self.bad_files += found
+                gone = set(found)
+                keep = [i for i, p in enumerate(self.dataset.files) if p not in gone]
+                d = self.dataset
+                self.dataset = FileDataset([d.files[i] for i in keep], [d.labels[i] for i in keep], d.classes,
+                                           d.root, d.bad_files, d.bad_reasons)

@@ -77,6 +77,23 @@ def test_eval_loader(jpeg_folder):
     assert torch.cat(ys).tolist() == E.dataset.labels
 
 
+def test_eval_pass_leaves_out_a_file_gone_bad_since_the_scan(jpeg_folder, capsys):
+    """A file overwritten after the scan used to raise in a DataLoader worker and end the pass (and
+    through the kNN monitor the training run): now it is reported once, left out of this pass and
+    the next, and every other image comes through with its label (2 workers, as the monitor runs)."""
+    E = TorchEvalLoader(_cfg(jpeg_folder, **{"data.eval_resize": 40}), jpeg_folder, CPU, batch_size=20,
+                        progress=False, num_workers=2)
+    victim = E.dataset.files[25]
+    want = [y for f, y in zip(E.dataset.files, E.dataset.labels) if f != victim]
+    with open(victim, "wb") as f:
+        f.write(b"garbage" * 50)
+    capsys.readouterr()
+    xs, ys = zip(*list(E))
+    assert [x.shape[0] for x in xs] == [20, 19, 8] and torch.cat(ys).tolist() == want
+    assert E.bad_files == [victim] and capsys.readouterr().err.count("failed to decode in the eval pass") == 1
+    assert torch.cat([y for _, y in E]).tolist() == want and "failed to decode" not in capsys.readouterr().err
+
+
 def _channel_stats(loader, n_batches):
     xs = {"weak": [], "strong": []}
     for _ in range(n_batches):
