@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data import Batch, EndlessLoader, torch_dtype
 from .datasets import (DataError, FileDataset, check_image, dataset_identity, epoch_block, pil_rgb,
-                       prepare_dataset)
+                       prepare_dataset, report_left_out)
 
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
@@ -429,6 +429,7 @@ class TorchEvalLoader:
         self.dataset = FileDataset(ds.files[lo:hi], ds.labels[lo:hi], ds.classes, ds.root,
                                    ds.bad_files, ds.bad_reasons)
         self.bad_files = list(ds.bad_files)
+        self.rank = rank
         self.batch_size = batch_size
         self.dtype = torch_dtype(d.dtype)
         self.device = torch.device(device)
@@ -453,8 +454,7 @@ class TorchEvalLoader:
         try:
             for x, y, bad in it:
                 for path, reason in bad:
-                    print(f"fast-ressl: {path} failed to decode in the eval pass ({reason}); left out of "
-                          "it; `fast-ressl scan` refreshes the denylist", file=sys.stderr)
+                    report_left_out(path, reason, self.rank)
                     found.append(path)
                 if y.numel():
                     yield _to_out(x, self.dtype), y
@@ -462,8 +462,4 @@ class TorchEvalLoader:
             stop_workers(it)
             if found:  # left out of later passes too
                 self.bad_files += found
-                gone = set(found)
-                keep = [i for i, p in enumerate(self.dataset.files) if p not in gone]
-                d = self.dataset
-                self.dataset = FileDataset([d.files[i] for i in keep], [d.labels[i] for i in keep], d.classes,
-                                           d.root, d.bad_files, d.bad_reasons)
+                self.dataset = self.dataset.without(found)

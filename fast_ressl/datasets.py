@@ -56,6 +56,20 @@ class FileDataset:
     def __len__(self) -> int:
         return len(self.files)
 
+    def without(self, paths) -> "FileDataset":
+        """The same files, in the same order, less `paths` (found bad after the scan)."""
+        gone = set(paths)
+        keep = [i for i, p in enumerate(self.files) if p not in gone]
+        return FileDataset([self.files[i] for i in keep], [self.labels[i] for i in keep], self.classes,
+                           self.root, self.bad_files, self.bad_reasons)
+
+
+def report_left_out(path: str, reason: str, rank: int) -> None:
+    """One line on stderr for a file an eval pass met bad (gone bad since the scan, or one the
+    loader's decoder cannot decode) and leaves out, instead of ending the pass."""
+    print(f"fast-ressl: rank {rank}: {path} failed to decode in the eval pass ({reason}); left out of "
+          "it; `fast-ressl scan` refreshes the denylist", file=sys.stderr)
+
 
 # ----------------------------------------------------------------------------- listing
 def _is_image_name(name: str) -> bool:

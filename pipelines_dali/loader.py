@@ -83,7 +83,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from fast_ressl.data import Batch, EndlessLoader, torch_dtype
 from fast_ressl.datasets import (DataError, FileDataset, check_image, dataset_identity, epoch_block,
-                                 prepare_dataset)
+                                 prepare_dataset, report_left_out)
 
 from .pipeline import DEBUG_KEYS, eval_pipeline, train_pipeline
 
@@ -534,15 +534,15 @@ class DaliEvalLoader:
         self.resize_shorter = resize_shorter or d.eval_resize
         n = len(ds)
         lo, hi = n * rank // world_size, n * (rank + 1) // world_size  # the split DALI's sharded reader made
-        self._files, self._labels = list(ds.files[lo:hi]), list(ds.labels[lo:hi])
+        self._shard = FileDataset(ds.files[lo:hi], ds.labels[lo:hi], ds.classes, ds.root)
 
     def __len__(self) -> int:
-        return -(-len(self._files) // self.batch_size)
+        return -(-len(self._shard) // self.batch_size)
 
     def _pipeline(self, start: int) -> DALIGenericIterator:
         """The pass from this shard's file `start` on (the rank's files, read as one shard)."""
         d = self.cfg.data
-        pipe = eval_pipeline(d, self._files[start:], self._labels[start:], self.size, self.resize_shorter,
+        pipe = eval_pipeline(d, self._shard.files[start:], self._shard.labels[start:], self.size, self.resize_shorter,
                              gpu=self.device.type == "cuda", batch_size=self.batch_size,
                              num_threads=d.num_threads, device_id=_device_id(self.device), seed=d.seed)
         pipe.build()
@@ -551,18 +551,17 @@ class DaliEvalLoader:
     def _drop_failed(self, start: int) -> bool:
         """After DALI failed a batch: the bad files of the batches from `start` on that DALI had in
         flight (PIL first, then DALI's decoder alone), left out from now on; False if none."""
-        window = self._files[start:start + (2 + max(1, int(self.cfg.data.prefetch_queue_depth))) * self.batch_size]
+        depth = max(1, int(self.cfg.data.prefetch_queue_depth))
+        window = self._shard.files[start:start + (2 + depth) * self.batch_size]
         found = failed_files(window, self.cfg.data, _device_id(self.device))
         for path, reason in found.items():
-            print(f"fast-ressl: rank {self.rank}: {path} failed to decode in the eval pass ({reason}); "
-                  "left out of it; `fast-ressl scan` refreshes the denylist", file=sys.stderr)
+            report_left_out(path, reason, self.rank)
             self.bad_files.append(path)
-        keep = [i for i, p in enumerate(self._files) if p not in found]
-        self._files, self._labels = [self._files[i] for i in keep], [self._labels[i] for i in keep]
+        self._shard = self._shard.without(found)
         return bool(found)
 
     def __iter__(self):
-        if not self._files:  # more ranks than files
+        if not len(self._shard):  # more ranks than files
             return
         done, it = 0, self._pipeline(0)
         while True:
@@ -574,7 +573,7 @@ class DaliEvalLoader:
                 del it
                 if not self._drop_failed(done):
                     raise
-                if done == len(self._files):  # the bad files were the pass's last
+                if done == len(self._shard):  # the bad files were the pass's last
                     return
                 it = self._pipeline(done)
                 continue
