@@ -375,21 +375,16 @@ class TorchLoader(EndlessLoader):
                 self.bad_files.append(path)
 
 
-class _EvalDataset(Dataset):
+class _EvalItems(Dataset):
+    """(image or None, label, path, None or why it failed): a file gone bad since the scan is
+    reported by the loader, not raised in a worker (which would end the pass, and through the kNN
+    monitor the training run)."""
+
     def __init__(self, ds: FileDataset, transform):
         self.ds, self.transform = ds, transform
 
     def __len__(self) -> int:
         return len(self.ds)
-
-    def __getitem__(self, i: int):
-        return self.transform(pil_rgb(self.ds.files[i])), self.ds.labels[i]
-
-
-class _EvalItems(_EvalDataset):
-    """(image or None, label, path, None or why it failed): a file gone bad since the scan is
-    reported by the loader, not raised in a worker (which would end the pass, and through the kNN
-    monitor the training run)."""
 
     def __getitem__(self, i: int):
         path = self.ds.files[i]

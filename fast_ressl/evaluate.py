@@ -596,17 +596,44 @@ def knn_monitor(cfg: Config, env: Any, state: Any, meter: Any, epoch: int, total
 
 
 # ----------------------------------------------------------------------------- linear probe
-def _train_batches(cfg: Config, ds, size: int, batch_size: int, seed: int):
-    """RandomResizedCrop(size, scale 0.08-1) + flip batches over `ds`, reshuffled every epoch."""
-    from torch.utils.data import DataLoader
+class _TrainBatches:
+    """RandomResizedCrop(size, scale 0.08-1) + flip batches over `ds`, reshuffled every epoch.
 
-    from .data_torch import _EvalDataset, weak_transform
+    A file gone bad since the scan is reported once and left out of this epoch and the later ones,
+    as the eval loaders do, instead of raising in a DataLoader worker and ending a probe that may
+    have run for hours."""
 
-    tf = weak_transform(cfg.data, CropConfig(size=size, scale_min=0.08, scale_max=1.0))
-    g = torch.Generator().manual_seed(seed)
-    nw = 0 if len(ds) <= 4096 else cfg.data.num_threads
-    return DataLoader(_EvalDataset(ds, tf), batch_size=batch_size, shuffle=True, drop_last=False,
-                      num_workers=nw, generator=g, persistent_workers=nw > 0)
+    def __init__(self, cfg: Config, ds, size: int, batch_size: int, seed: int):
+        from .data_torch import weak_transform
+
+        self.ds, self.batch_size = ds, batch_size
+        self.transform = weak_transform(cfg.data, CropConfig(size=size, scale_min=0.08, scale_max=1.0))
+        self.generator = torch.Generator().manual_seed(seed)
+        self.num_workers = 0 if len(ds) <= 4096 else cfg.data.num_threads
+        self.left_out: List[str] = []
+        self._loader = None
+
+    def __iter__(self):
+        from torch.utils.data import DataLoader
+
+        from .data_torch import _collate_good, _EvalItems
+        from .datasets import report_left_out
+
+        if self._loader is None:  # workers persist across epochs until a file is left out
+            w = self.num_workers
+            self._loader = DataLoader(_EvalItems(self.ds, self.transform), batch_size=self.batch_size,
+                                      shuffle=True, drop_last=False, num_workers=w, generator=self.generator,
+                                      persistent_workers=w > 0, collate_fn=_collate_good)
+        found: List[str] = []
+        for x, y, bad in self._loader:
+            for path, reason in bad:
+                report_left_out(path, reason, 0)
+                found.append(path)
+            if y.numel():
+                yield x, y
+        if found:
+            self.left_out += found
+            self.ds, self._loader = self.ds.without(found), None
 
 
 def linear_probe(backbone: nn.Module, cfg: Config, train_ds, val_ds, device: torch.device,
@@ -623,7 +650,7 @@ def linear_probe(backbone: nn.Module, cfg: Config, train_ds, val_ds, device: tor
         cached = extract_features(backbone, eval_batches(cfg, train_ds, device, batch_size), device)
         train_iter = None
     else:
-        train_iter = _train_batches(cfg, train_ds, cfg.data.weak.size, batch_size, seed)
+        train_iter = _TrainBatches(cfg, train_ds, cfg.data.weak.size, batch_size, seed)
     fc = nn.Linear(val_f.shape[1], num_classes).to(device)
     nn.init.normal_(fc.weight, 0.0, 0.01)
     nn.init.zeros_(fc.bias)
@@ -660,7 +687,8 @@ def linear_probe(backbone: nn.Module, cfg: Config, train_ds, val_ds, device: tor
     final = history[-1]
     return {"top1": final["top1"], "top5": final["top5"], "epochs": epochs, "lr": lr,
             "momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size,
-            "augment": augment, "num_classes": num_classes, "history": history}
+            "augment": augment, "num_classes": num_classes, "history": history,
+            "train_files_left_out": train_iter.left_out if train_iter is not None else []}
 
 
 def _feature_stream(backbone: nn.Module, loader, device: torch.device):

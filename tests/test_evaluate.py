@@ -165,6 +165,53 @@ def test_linear_probe_learns_separable_features(tmp_path):
     assert res["history"][-1]["epoch"] == 30 and 0 <= res["top1"] <= 100
 
 
+class _ColourNet(torch.nn.Module):
+    """Features that separate the generated classes (each has its own colour statistics); counts the
+    images it has seen."""
+
+    seen = 0
+
+    def forward(self, x):
+        self.seen += x.shape[0]
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+
+
+def test_linear_probe_leaves_out_a_train_file_gone_bad_since_the_scan(tmp_path, capsys):
+    """The augmented probe's DataLoader used to raise on a file overwritten after the scan and end
+    the probe: now the file is reported once and left out of every epoch, and the probe finishes."""
+    cfg = _cfg(tmp_path)
+    train_ds, val_ds = E._dataset(cfg, cfg.data.root), E._dataset(cfg, cfg.data.val_root)
+    victim = train_ds.files[5]
+    with open(victim, "wb") as f:
+        f.write(b"garbage" * 50)
+    capsys.readouterr()
+    net = _ColourNet()
+    res = E.linear_probe(net, cfg, train_ds, val_ds, torch.device("cpu"), epochs=3, batch_size=8,
+                         augment=True, log_every_epochs=3)
+    assert res["history"][-1]["epoch"] == 3 and res["train_files_left_out"] == [victim]
+    assert net.seen == 12 + 3 * 23  # the val features once, then 23 of 24 train images per epoch
+    assert capsys.readouterr().err.count("failed to decode in the eval pass") == 1
+
+
+def test_probe_batches_with_workers_leave_a_bad_file_out_of_later_epochs(tmp_path, capsys):
+    """The same with DataLoader workers (as for sets over 4096 files): persistent workers are
+    replaced once a file is left out, so the next epoch neither meets nor reports it again."""
+    cfg = _cfg(tmp_path)
+    ds = E._dataset(cfg, cfg.data.root)
+    batches = E._TrainBatches(cfg, ds, 32, batch_size=8, seed=0)
+    batches.num_workers = 2
+    victim = ds.files[17]
+    want = sorted(y for f, y in zip(ds.files, ds.labels) if f != victim)
+    with open(victim, "wb") as f:
+        f.write(b"garbage" * 50)
+    capsys.readouterr()
+    for epoch in range(2):
+        ys = [y for _, y in batches]
+        assert sorted(torch.cat(ys).tolist()) == want, epoch
+        assert capsys.readouterr().err.count("failed to decode") == (1 if epoch == 0 else 0)
+    assert batches.left_out == [victim]
+
+
 # ----------------------------------------------------------------------------- online monitor
 def test_online_knn_monitor_writes_metrics(tmp_path, capsys):
     from fast_ressl.train import train
