@@ -52,6 +52,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from gpu_install import FALLBACK_TARGET
+
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("resnet50", "efficientnet_b0", "mobilenetv3_large_100")
 # Seconds kept back from the budget for the report; a stage with less than MIN_STAGE_S left is skipped.
@@ -492,6 +494,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
+    # where gpu_install.py unpacks the carry if this Python's site-packages cannot be written: on
+    # the path of every process started from here (stages, import checks, the versions probe)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FALLBACK_TARGET), os.environ.get("PYTHONPATH")]))
     runner = Runner(work, a.budget)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, runner.stop)

@@ -41,9 +41,9 @@ def _pack(tmp_path: Path) -> Path:
     return out
 
 
-def _install(sums: Path, parts_dir: Path, target: Path):
+def _install(sums: Path, parts_dir: Path, target: Path, *more: str):
     return subprocess.run([sys.executable, str(INSTALL), "--sums", str(sums), "--parts-dir", str(parts_dir),
-                           "--target", str(target), "--check", "carrydemo"],
+                           "--target", str(target), "--check", "carrydemo", *more],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -68,6 +68,25 @@ def test_pack_then_install_as_the_calls_leave_the_parts(tmp_path):
     assert (pkg / "blob.bin").stat().st_size == 3 << 19
     again = _install(out / "SHA256SUMS", copied, target)
     assert again.returncode == 0 and "already unpacked" in again.stdout
+
+
+def test_a_target_that_cannot_be_written_falls_back(tmp_path):
+    """Whether the GPU image's site-packages is writable has not been seen: where it is not, the
+    carry goes to the fallback folder, said so, and imports from there; a second call finds it.
+    The unwritable target is a folder under a plain file (this runs as root, which no mode bits
+    stop), the same OSError path as a read-only mount."""
+    out = _pack(tmp_path)
+    (tmp_path / "plain").write_text("a file, not a folder")
+    target, fallback = tmp_path / "plain" / "site", tmp_path / "fallback"
+    q = _install(out / "SHA256SUMS", tmp_path / "nowhere", target, "--fallback", str(fallback))
+    assert q.returncode == 0, q.stdout + q.stderr
+    assert f"cannot write to {target}" in q.stdout and f"unpacking into {fallback} instead" in q.stdout
+    assert "carrydemo 1.0" in q.stdout and f"unpacked into {fallback} (put it on PYTHONPATH" in q.stdout
+    assert (fallback / "carrydemo" / "blob.bin").stat().st_size == 3 << 19
+    again = _install(out / "SHA256SUMS", tmp_path / "nowhere", target, "--fallback", str(fallback))
+    assert again.returncode == 0 and f"already unpacked into {fallback}" in again.stdout
+    q = _install(out / "SHA256SUMS", tmp_path / "nowhere", target, "--fallback", str(tmp_path / "plain" / "fb"))
+    assert q.returncode == 2 and "cannot write to" in q.stderr and "either" in q.stderr
 
 
 def test_damaged_or_missing_part_is_named_and_nothing_is_unpacked(tmp_path):
