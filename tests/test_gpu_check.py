@@ -327,6 +327,32 @@ def test_a_stage_past_its_timeout_is_interrupted_first_and_keeps_its_results(tmp
     assert __import__("time").time() - t0 < 2 + gpu_check.GRACE_S + 5
 
 
+def test_parallel_gpu_tests_cut_by_the_timeout_keep_their_results(tmp_path):
+    """The pytest stage runs the GPU tests in pytest-xdist workers where there are 8+ cores and
+    xdist is installed (the GPU image has it): SIGINT at the timeout still leaves the JUnit XML of the
+    tests finished in every worker, and the one cut short is counted."""
+    pytest.importorskip("xdist")
+    assert gpu_check.pytest_parallel_args(sys.executable, cpus=4) == []  # 1 worker: not worth it
+    assert gpu_check.pytest_parallel_args(sys.executable, cpus=16) == ["-n", "4"]
+    assert gpu_check.pytest_parallel_args(sys.executable, cpus=64) == ["-n", "4"]
+    tests = tmp_path / "t"
+    tests.mkdir()
+    (tests / "test_slow.py").write_text("import time\n\ndef test_quick_a():\n    pass\n\n"
+                                        "def test_quick_b():\n    time.sleep(1)\n\n"
+                                        "def test_slow():\n    time.sleep(120)\n")
+    runner = gpu_check.Runner(tmp_path / "work", budget=600)
+    runner.min_stage_s = 0
+    xml = tmp_path / "junit.xml"
+    rec = runner.run("pytest", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                *gpu_check.pytest_parallel_args(sys.executable, cpus=8), str(tests),
+                                f"--junitxml={xml}"], timeout=12, result=lambda: gpu_check.pytest_summary(xml))
+    assert rec["status"] == "timeout" and "-n" in rec["cmd"]
+    res = rec["result"]
+    assert (res["passed"], res["interrupted"]) == (2, 1), rec
+    assert {t["test"] for t in res["tests"] if t["outcome"] == "passed"} == {
+        "test_slow::test_quick_a", "test_slow::test_quick_b"}
+
+
 def test_stages_keep_their_temporary_files_in_the_scratch_folder(tmp_path):
     """A stage's temporary files (a killed run's DALI autograph modules, inductor's cache) go under
     --work, not /tmp."""
