@@ -11,6 +11,13 @@ import torch
 import torch.distributed as dist
 
 
+# "1": a single rank still makes the process group (NCCL on a GPU) and runs the multi-rank code
+# path: DDP, shuffle-BN through all_gather, the collectives of the NaN guard, checkpoints and kNN
+# monitor. It is how a one-GPU machine tests what a multi-GPU run does (NCCL refuses two ranks on one
+# GPU); for training it only costs DDP's bucket copies. Needs torchrun's env:// variables.
+ONE_RANK_GROUP_ENV = "FAST_RESSL_DDP_ONE_RANK"
+
+
 @dataclass
 class Env:
     device: torch.device
@@ -25,7 +32,8 @@ class Env:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """More than one rank, or one rank in a process group (ONE_RANK_GROUP_ENV)."""
+        return self.world_size > 1 or self.ctrl_group is not None
 
 
 def world_size_from_env() -> int:
@@ -46,7 +54,7 @@ def init(device_pref: str, timeout_s: float = 600.0) -> Env:
     device = torch.device("cuda", local_rank) if device_pref == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world == 1:
+    if world == 1 and os.environ.get(ONE_RANK_GROUP_ENV) != "1":
         return Env(device=device)
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)

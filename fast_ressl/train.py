@@ -450,7 +450,8 @@ def _train_locked(cfg: Config, env: Env, allow_config_change: bool, live: Option
     end_step = min(total_steps, cfg.train.stop_at_step or total_steps)
     if hasattr(loader, "end_at"):  # DALI: no pipeline built ahead for an epoch the run never reaches
         loader.end_at(end_step)
-    _info(env, f"fast-ressl: {cfg.model.backbone} on {env.device} x {env.world_size} rank(s), "
+    group = f" ({torch.distributed.get_backend()}, DDP)" if env.distributed else ""
+    _info(env, f"fast-ressl: {cfg.model.backbone} on {env.device} x {env.world_size} rank(s){group}, "
           f"{cfg.train.precision}{precision_note}, global batch {cfg.train.batch_size} "
           f"({cfg.train.batch_size // env.world_size} per rank) x {len(cfg.data.strong)} strong view(s), "
           f"lr {base_lr:.4g} (= {cfg.optim.lr} per 256 x {cfg.train.batch_size}/256), {optim_desc}, "
