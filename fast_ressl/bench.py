@@ -613,7 +613,9 @@ def bench_train(cfg: Config, s: BenchSettings, variant: Variant, mode: str) -> D
            "flops_per_image": fpi, "tflops": statistics.median(rates) * fpi / 1e12,
            **peak, **mem.report(), **ops, "optimizer": optim_desc, "ema": variant.ema,
            "teacher_bn": bn_policy, "teacher_sync_bn_layers": teacher_sync_bn, "backend_flags": flags,
-           "device": str(dev), **boundaries}
+           "device": str(dev), **boundaries,
+           # a process group (several ranks, or one with FAST_RESSL_DDP_ONE_RANK=1): DDP's costs are in
+           "process_group": torch.distributed.get_backend() if env.distributed else None}
     if mode == "e2e":
         res["loader"] = cfg.data.loader
         res["data_wait_fraction"] = summarize(waits)

@@ -112,6 +112,7 @@ def test_step_fast_vs_reference_json(tmp_path):
     # ops per step: in the JSON (checked by _check_result) and in the table
     res = saved["runs"][0]["results"]["step"]
     assert res["bookkeeping_ops"] <= 100, res["bookkeeping_by_op"]  # opcount.py; the issue's bound
+    assert res["process_group"] is None  # one process: no DDP
     out = io.StringIO()
     bench.render_table(report, Console(file=out, width=300))
     text = out.getvalue()
@@ -338,6 +339,32 @@ def test_make_bench_data_leaves_out_photos_its_scikit_image_cannot_load(monkeypa
         monkeypatch.setattr(sd, name, offline)
     with pytest.raises(RuntimeError, match="only 0 of scikit-image's bundled photographs load"):
         benchdata._photos()
+
+
+def test_bench_under_a_one_rank_process_group_measures_ddp(tmp_path):
+    """FAST_RESSL_DDP_ONE_RANK=1 torchrun --nproc_per_node=1 fast-ressl bench: the step runs with
+    DDP (more ops per step than without), and the report says under which process group, so DDP's
+    cost on one GPU can be measured and told apart from a plain bench."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "ddp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "-m", "fast_ressl", "bench", "-", *TINY, "--presets", "fast", "--modes", "step",
+           "--warmup", "1", "--iters", "2", "--repeats", "1", "--out", str(out)]
+    q = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "FAST_RESSL_DDP_ONE_RANK": "1", "TMPDIR": str(tmp_path)})
+    assert q.returncode == 0, q.stdout[-2000:] + q.stderr[-3000:]
+    ddp = json.loads(out.read_text())["runs"][0]["results"]["step"]
+    settings = bench.BenchSettings(modes=["step"], variants=["fast"], out=str(tmp_path / "p.json"), **FAST)
+    plain = bench.run_bench(None, TINY, settings)["runs"][0]["results"]["step"]
+    assert (ddp["process_group"], plain["process_group"]) == ("gloo", None)
+    assert ddp["teacher_bn"] == "shuffle" and ddp["ops_per_step"] > plain["ops_per_step"]
 
 
 def test_a_killed_bench_leaves_every_finished_measurement(tmp_path):
