@@ -27,6 +27,9 @@ budget_left_s minus ~100 s):
             settings (`bench --sweep`, --tune; default threads 4/8/12 x hw_decoder_load 0/0.65/0.95)
   tune_step the first model's step with the networks compiled too (model.compile=true), without and
             with CUDA graphs (model.compile_mode=default, reduce-overhead), vs the fast default
+  ddp       the first model's fast step under DDP: torchrun with one rank and
+            FAST_RESSL_DDP_ONE_RANK=1 (an NCCL process group of one; NCCL refuses two ranks on one
+            GPU), vs the plain fast step of its bench: what DDP costs per GPU before any network
 
 A stage that fails or times out is recorded and the next one runs; a stage that no longer fits in
 the budget is recorded as skipped, and the summary ends with the command of a later call that runs
@@ -92,7 +95,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    "--models/--size/--batch/--images; its figures mean nothing)")
     p.add_argument("--skip", default="",
                    help="comma list of stages to skip (dali, pytest, bench = every bench_<model>, "
-                   "bench_<model>, sync, resume, tune = tune_loader + tune_step); the summary prints "
+                   "bench_<model>, sync, resume, tune = tune_loader + tune_step, ddp); the summary prints "
                    "the --skip of a later call that runs only what is left")
     p.add_argument("--tune", action="append", default=None, metavar="KEY=V1,V2,...",
                    help="the tune_loader stage's grid (bench --sweep; repeat per key; default "
@@ -184,9 +187,10 @@ class Runner:
         print(f"[gpu_check] {name}: skipped ({reason})", flush=True)
         return self.record(name, {"status": "skipped", "reason": reason})
 
-    def run(self, name: str, cmd: List[str], timeout: float,
-            result: Optional[Callable[[], Any]] = None) -> Dict[str, Any]:
-        """Run `cmd` as stage `name`; `result()` (parsing the stage's output file) fills rec["result"]."""
+    def run(self, name: str, cmd: List[str], timeout: float, result: Optional[Callable[[], Any]] = None,
+            env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+        """Run `cmd` as stage `name` (with `env` added to the stages' environment); `result()`
+        (parsing the stage's output file) fills rec["result"]."""
         t = min(timeout, self.left())
         if t < self.min_stage_s:
             return self.skip(name, f"out of time: {max(0.0, self.left()):.0f} s of the budget left")
@@ -194,7 +198,7 @@ class Runner:
         print(f"[gpu_check] {name}: {' '.join(cmd)} (timeout {t:.0f} s)", flush=True)
         start = time.time()
         with open(log, "w") as f:
-            proc = self.spawn(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT)
+            proc = self.spawn(cmd, env={**self.env, **(env or {})}, stdout=f, stderr=subprocess.STDOUT)
             try:
                 rc = proc.wait(timeout=t)
                 status = "ok" if rc == 0 else "failed"
@@ -460,6 +464,27 @@ def _cudagraphs(step: Dict[str, Any]) -> str:
     return "all captured" if not n else f"{n} graph(s) without ({'; '.join(cg.get('reasons', []))[:160]})"
 
 
+def free_port() -> int:
+    """A free TCP port on loopback (torchrun's rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ddp_result(ddp: Optional[Dict[str, Any]], plain: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The ddp stage: its fast step (images/s, process group, ops per step) and the ratio to the
+    plain fast step of the same model's bench (None where that bench did not run)."""
+    step = _medians(ddp or {}, "fast").get("step")
+    if step is None:
+        return None
+    res = next(r for r in ddp["runs"] if r["variant"] == "fast")["results"]["step"]
+    base = _medians(plain or {}, "fast").get("step")
+    return {"step": step, "process_group": res.get("process_group"), "ops_per_step": res.get("ops_per_step"),
+            "plain_step": base, "vs_plain": round(step / base, 3) if base else None, "report": ddp}
+
+
 def stage_result(name: str, rec: Dict[str, Any]) -> str:
     res = rec.get("result")
     if rec.get("status") == "skipped":
@@ -486,6 +511,9 @@ def stage_result(name: str, rec: Dict[str, Any]) -> str:
     if name == "tune_loader" and res and res.get("sweep", {}).get("best", {}).get("loader"):
         b = res["sweep"]["best"]["loader"]
         return f"fastest {b['variant']}: {b['median']:.0f} images/s, {b['vs_slowest']:.2f}x the slowest point"
+    if name == "ddp" and res:
+        vs = f", {res['vs_plain']:.2f}x the plain fast step" if res.get("vs_plain") else ""
+        return f"step under DDP ({res['process_group']}, one rank): {res['step']:.0f} images/s{vs}"
     if name == "tune_step" and res and res.get("sweep", {}).get("best", {}).get("step"):
         b = res["sweep"]["best"]["step"]
         return (f"{b['variant']}: {b['median']:.0f} images/s, {b.get('vs_fast', float('nan')):.2f}x the fast default"
@@ -584,6 +612,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                "--iters", str(a.iters), "--repeats", "2", "--out", str(sj2),
                "--sweep", "model.compile=true", "--sweep", "model.compile_mode=default,reduce-overhead"]
         runner.run("tune_step", cmd, timeout=240, result=lambda: load_json(sj2))
+    if "ddp" not in skip:
+        # last: the least of issue 11's asks, the first to go when time runs out
+        dj = work / "ddp.json"
+        cmd = [py, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", "-m", "fast_ressl", "bench", "-", *run_overrides(a, main_model),
+               f"run.device={a.device}", "--presets", "fast", "--modes", "step", "--warmup", str(a.warmup),
+               "--iters", str(a.iters), "--repeats", "2", "--out", str(dj)]
+        runner.run("ddp", cmd, timeout=150, result=lambda: ddp_result(load_json(dj), load_json(
+            work / f"bench_{main_model}.json")), env={"FAST_RESSL_DDP_ONE_RANK": "1"})
     report = write_report(a, argv, runner, info, out, work, models, threads)
     return print_summary(a, runner, info, out, models, report)
 

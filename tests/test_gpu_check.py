@@ -143,8 +143,11 @@ def test_cpu_rehearsal_runs_every_stage_and_reports(tmp_path):
     import json
 
     rep = json.loads((out / "gpu_check.json").read_text())
-    assert list(rep["stages"]) == ["data", "bench_test_resnet", "sync", "tune_loader", "tune_step"]
+    assert list(rep["stages"]) == ["data", "bench_test_resnet", "sync", "tune_loader", "tune_step", "ddp"]
     assert all(r["status"] == "ok" for r in rep["stages"].values())
+    ddp = rep["stages"]["ddp"]["result"]  # the step under a one-rank process group (gloo on the CPU)
+    assert ddp["process_group"] == "gloo" and ddp["vs_plain"] > 0 and ddp["ops_per_step"] > 0
+    assert "step under DDP (gloo, one rank)" in q.stdout
     assert rep["stages"]["data"]["stats"]["images"] == 48
     bench = json.loads((out / "bench_test_resnet.json").read_text())
     assert [r["variant"] for r in bench["runs"]] == ["fast", "reference", "no_augment"]
@@ -182,7 +185,7 @@ def test_a_later_call_skips_what_passed_and_still_names_every_bound(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     q = _bash("--device", "cpu", "--models", "test_resnet,test_efficientnet", "--size", "32", "--batch", "8",
               "--images", "48", "--parallel", "2", "--warmup", "1", "--iters", "1", "--repeats", "1",
-              "--skip", "dali,pytest,sync,resume,tune,bench_test_resnet", "--out", str(out), "--work", str(work))
+              "--skip", "dali,pytest,sync,resume,tune,ddp,bench_test_resnet", "--out", str(out), "--work", str(work))
     assert q.returncode == 0, q.stdout[-3000:] + q.stderr[-3000:]
     import json
 

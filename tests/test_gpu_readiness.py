@@ -393,7 +393,8 @@ def test_gpu_one_rank_nccl_group_runs_ddp_like_a_plain_run(tmp_path, variant):
 
     recipe = tmp_path / "empty.yaml"
     recipe.write_text("{}\n")
-    env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    # TMPDIR: torchrun's rendezvous folder goes with tmp_path
+    env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "TMPDIR": str(tmp_path)}
     env.pop("FAST_RESSL_FAULT_NAN", None)
     extra = {"fp32-eager": ["train.precision=fp32", "train.deterministic=true"],
              "bf16-compiled-cudagraphs": ["train.precision=bf16", "model.compile=true", "method.compile_loss=true",
