@@ -29,7 +29,8 @@ budget_left_s minus ~100 s):
             with CUDA graphs (model.compile_mode=default, reduce-overhead), vs the fast default
   ddp       the first model's fast step under DDP: torchrun with one rank and
             FAST_RESSL_DDP_ONE_RANK=1 (an NCCL process group of one; NCCL refuses two ranks on one
-            GPU), vs the plain fast step of its bench: what DDP costs per GPU before any network
+            GPU), vs the plain fast step of its bench: what DDP itself costs per GPU, before any
+            traffic between GPUs
 
 A stage that fails or times out is recorded and the next one runs; a stage that no longer fits in
 the budget is recorded as skipped, and the summary ends with the command of a later call that runs
@@ -613,7 +614,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                "--sweep", "model.compile=true", "--sweep", "model.compile_mode=default,reduce-overhead"]
         runner.run("tune_step", cmd, timeout=240, result=lambda: load_json(sj2))
     if "ddp" not in skip:
-        # last: the least of issue 11's asks, the first to go when time runs out
+        # last, the first to go when time runs out: not one of issue 11's asks, but the first figure
+        # a user planning a multi-GPU run wants
         dj = work / "ddp.json"
         cmd = [py, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_addr=127.0.0.1",
                f"--master_port={free_port()}", "-m", "fast_ressl", "bench", "-", *run_overrides(a, main_model),
