@@ -401,6 +401,17 @@ def _collate_good(items) -> Tuple[torch.Tensor, torch.Tensor, List[Tuple[str, st
     return x, torch.tensor([y for _, y in good], dtype=torch.int64), [(p, r) for _, _, p, r in items if r]
 
 
+def good_batches(batches, rank: int, found: List[str]):
+    """(images, labels) of each `_collate_good` batch that kept any; every file that failed is
+    reported and appended to `found` (for the caller to leave out of later passes)."""
+    for x, y, bad in batches:
+        for path, reason in bad:
+            report_left_out(path, reason, rank)
+            found.append(path)
+        if y.numel():
+            yield x, y
+
+
 class TorchEvalLoader:
     """One pass over a class-folder root (or FileDataset): (images, labels), resize shorter side to
     data.eval_resize -> center crop data.weak.size -> normalise; channels_last, data.dtype; every
@@ -447,12 +458,8 @@ class TorchEvalLoader:
                            prefetch_factor=self._prefetch if w > 0 else None, collate_fn=_collate_good)
         found: List[str] = []
         try:
-            for x, y, bad in it:
-                for path, reason in bad:
-                    report_left_out(path, reason, self.rank)
-                    found.append(path)
-                if y.numel():
-                    yield _to_out(x, self.dtype), y
+            for x, y in good_batches(it, self.rank, found):
+                yield _to_out(x, self.dtype), y
         finally:
             stop_workers(it)
             if found:  # left out of later passes too

@@ -616,8 +616,7 @@ class _TrainBatches:
     def __iter__(self):
         from torch.utils.data import DataLoader
 
-        from .data_torch import _collate_good, _EvalItems
-        from .datasets import report_left_out
+        from .data_torch import _collate_good, _EvalItems, good_batches
 
         if self._loader is None:  # workers persist across epochs until a file is left out
             w = self.num_workers
@@ -625,12 +624,7 @@ class _TrainBatches:
                                       shuffle=True, drop_last=False, num_workers=w, generator=self.generator,
                                       persistent_workers=w > 0, collate_fn=_collate_good)
         found: List[str] = []
-        for x, y, bad in self._loader:
-            for path, reason in bad:
-                report_left_out(path, reason, 0)
-                found.append(path)
-            if y.numel():
-                yield x, y
+        yield from good_batches(self._loader, 0, found)
         if found:
             self.left_out += found
             self.ds, self._loader = self.ds.without(found), None

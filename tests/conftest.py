@@ -118,6 +118,18 @@ def messy_folder(tmp_path):
     return root, odd, bad
 
 
+def torchrun(nproc: int, *args: str) -> List[str]:
+    """`torchrun --nproc_per_node=nproc -m fast_ressl ARGS` with its rendezvous on a free loopback port."""
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "fast_ressl", *args]
+
+
 def tiny_overrides(root: os.PathLike | str, **extra) -> List[str]:
     """Overrides for a fast CPU loader at 32 px."""
     base = {"data.source": "folder", "data.root": str(root), "data.weak.size": 32,

@@ -346,17 +346,13 @@ def test_bench_under_a_one_rank_process_group_measures_ddp(tmp_path):
     DDP (more ops per step than without), and the report says under which process group, so DDP's
     cost on one GPU can be measured and told apart from a plain bench."""
     import os
-    import socket
     import subprocess
-    import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from conftest import torchrun
+
     out = tmp_path / "ddp.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_addr=127.0.0.1",
-           f"--master_port={port}", "-m", "fast_ressl", "bench", "-", *TINY, "--presets", "fast", "--modes", "step",
-           "--warmup", "1", "--iters", "2", "--repeats", "1", "--out", str(out)]
+    cmd = torchrun(1, "bench", "-", *TINY, "--presets", "fast", "--modes", "step", "--warmup", "1", "--iters", "2",
+                   "--repeats", "1", "--out", str(out))
     q = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "FAST_RESSL_DDP_ONE_RANK": "1", "TMPDIR": str(tmp_path)})
     assert q.returncode == 0, q.stdout[-2000:] + q.stderr[-3000:]

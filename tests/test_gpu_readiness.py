@@ -387,9 +387,7 @@ def test_gpu_one_rank_nccl_group_runs_ddp_like_a_plain_run(tmp_path, variant):
     fp32 with deterministic kernels gives the plain run's losses and kNN accuracies bit for bit
     (as on the CPU with gloo); compiled bf16: every loss finite, no step skipped, within 5% of the
     plain run (the graphs split at DDP's buckets round bf16 in other places)."""
-    import socket
-
-    from conftest import make_jpeg_folder
+    from conftest import make_jpeg_folder, torchrun
 
     recipe = tmp_path / "empty.yaml"
     recipe.write_text("{}\n")
@@ -410,12 +408,7 @@ def test_gpu_one_rank_nccl_group_runs_ddp_like_a_plain_run(tmp_path, variant):
     plain = subprocess.run([sys.executable, "-m", "fast_ressl", "train", str(recipe), *over,
                             f"run.dir={tmp_path / 'a'}"], cwd=REPO, env=env, capture_output=True, text=True)
     assert plain.returncode == 0, plain.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
-                          "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "fast_ressl", "train",
-                          str(recipe), *over, f"run.dir={tmp_path / 'b'}"],
+    out = subprocess.run(torchrun(1, "train", str(recipe), *over, f"run.dir={tmp_path / 'b'}"),
                          cwd=REPO, env={**env, "FAST_RESSL_DDP_ONE_RANK": "1"}, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "x 1 rank(s) (nccl, DDP)" in out.stdout and "teacher BN shuffle" in out.stdout, out.stdout[-2000:]

@@ -7,7 +7,6 @@ import pickle
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_jpeg_folder
+from conftest import make_jpeg_folder, torchrun
 from fast_ressl.checkpoint import CheckpointError, safe_load
 from fast_ressl.config import load_config
 from fast_ressl.train import NonFiniteAbort, train
@@ -46,12 +45,7 @@ def _cmd(*overrides):
 
 
 def _torchrun(nproc, *overrides):
-    with socket.socket() as s:  # a free port for the rendezvous on loopback
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "fast_ressl", "train",
-            str(RECIPE), *overrides]
+    return torchrun(nproc, "train", str(RECIPE), *overrides)
 
 
 def _env(**extra):
