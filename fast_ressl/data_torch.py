@@ -430,10 +430,7 @@ class TorchEvalLoader:
             sub = copy.deepcopy(cfg)
             sub.data.source, sub.data.root, sub.data.denylist = "folder", str(root), None
             ds = prepare_dataset(sub, rank=rank, progress=progress)
-        n = len(ds)
-        lo, hi = n * rank // world_size, n * (rank + 1) // world_size
-        self.dataset = FileDataset(ds.files[lo:hi], ds.labels[lo:hi], ds.classes, ds.root,
-                                   ds.bad_files, ds.bad_reasons)
+        self.dataset = ds.block(rank, world_size)
         self.bad_files = list(ds.bad_files)
         self.rank = rank
         self.batch_size = batch_size

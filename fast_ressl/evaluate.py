@@ -379,12 +379,6 @@ class _MonitorData:
 _MONITOR = _MonitorData()
 
 
-def _block(n: int, env: Any) -> Tuple[int, int]:
-    """[lo, hi) of rank r's contiguous block of n items: n*r//w to n*(r+1)//w. Blocks are disjoint,
-    cover range(n) in rank order and differ in size by at most one."""
-    return n * env.rank // env.world_size, n * (env.rank + 1) // env.world_size
-
-
 def _scanned_folder(cfg: Config, root: str, env: Any):
     """The class folders at `root`, bad files dropped, prepared once for all ranks: rank 0 lists the
     folder and reads its denylist, and the other ranks get both from it over the gloo control group
@@ -415,8 +409,7 @@ def _scanned_folder(cfg: Config, root: str, env: Any):
         if env.is_main:
             log.info(f"kNN monitor: no denylist for {ds.root}; decoding its {len(ds)} files once over "
                      f"{env.world_size} rank(s) (writes {path})")
-        lo, hi = _block(len(ds), env)
-        mine = scan_files(ds.files[lo:hi], num_threads=d.num_threads, progress=False)
+        mine = scan_files(ds.block(env.rank, env.world_size).files, num_threads=d.num_threads, progress=False)
         bad = {p: reason for part in dist.gather_objects(mine, env) for p, reason in part.items()}
         if env.is_main:
             write_denylist(path, len(ds.files), bad, ds.root)
@@ -438,14 +431,11 @@ def _train_files(cfg: Config, root: str, loader: Any, env: Any):
 def _block_batches(cfg: Config, ds, env: Any):
     """Eval batches of this rank's block of `ds` (None when the block is empty: fewer images than
     ranks), decoded once and kept when the block's crops fit in eval.cache_mb (per rank)."""
-    from .datasets import FileDataset
-
-    lo, hi = _block(len(ds), env)
-    if lo == hi:
+    block = ds.block(env.rank, env.world_size)
+    if not len(block):
         return None
-    block = FileDataset(ds.files[lo:hi], ds.labels[lo:hi], ds.classes, ds.root)
     batches = eval_batches(cfg, block, env.device, cfg.eval.batch_size)
-    return _CachedImages(batches) if _images_bytes(cfg, hi - lo) <= cfg.eval.cache_mb * 2 ** 20 else batches
+    return _CachedImages(batches) if _images_bytes(cfg, len(block)) <= cfg.eval.cache_mb * 2 ** 20 else batches
 
 
 def _monitor_data(cfg: Config, env: Any, loader: Any) -> Optional[_MonitorData]:

@@ -532,9 +532,7 @@ class DaliEvalLoader:
         self.rank, self.world_size = rank, world_size
         self.size = size or d.weak.size
         self.resize_shorter = resize_shorter or d.eval_resize
-        n = len(ds)
-        lo, hi = n * rank // world_size, n * (rank + 1) // world_size  # the split DALI's sharded reader made
-        self._shard = FileDataset(ds.files[lo:hi], ds.labels[lo:hi], ds.classes, ds.root)
+        self._shard = ds.block(rank, world_size)
 
     def __len__(self) -> int:
         return -(-len(self._shard) // self.batch_size)
