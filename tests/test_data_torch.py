@@ -197,3 +197,35 @@ def test_workers_left_running_at_exit_neither_hang_the_exit_nor_outlive_it():
     assert took < 45, f"the exit took {took:.0f} s"  # torch's 5 s join per worker, then SIGKILL; never 60 s
     for pid in map(int, out.stdout.split()):
         assert not os.path.exists(f"/proc/{pid}"), f"worker {pid} outlived the process"
+
+
+def test_worker_loaders_run_under_forkserver(jpeg_folder):
+    """Python 3.14 makes forkserver multiprocessing's default on Linux (3.12 already warns when a
+    process with threads forks, as ours does beside DALI's and torch's threads). The workers then
+    get the dataset, collate function and worker_init_fn by pickle, from a fresh interpreter: the
+    training loader gives the same batches as in-process loading, the eval loader every label."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import multiprocessing, sys, torch\n"
+        "multiprocessing.set_start_method('forkserver')\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from conftest import tiny_overrides\n"
+        "from fast_ressl.config import load_config\n"
+        "from fast_ressl.data_torch import TorchEvalLoader, TorchLoader\n"
+        "cpu = torch.device('cpu')\n"
+        f"cfg = load_config(None, tiny_overrides({str(jpeg_folder)!r}, **{{'data.loader': 'torch', "
+        "'data.eval_resize': 40}))\n"
+        "ref, got = (TorchLoader(cfg, 0, 1, cpu, progress=False, num_workers=w) for w in (0, 2))\n"
+        "for _ in range(3):\n"
+        "    a, b = next(ref), next(got)\n"
+        "    assert torch.equal(a.x_weak, b.x_weak) and torch.equal(a.x_strong[0], b.x_strong[0])\n"
+        "    assert torch.equal(a.labels, b.labels)\n"
+        f"E = TorchEvalLoader(cfg, {str(jpeg_folder)!r}, cpu, batch_size=20, progress=False, num_workers=2)\n"
+        "assert torch.cat([y for _, y in E]).tolist() == E.dataset.labels\n"
+        "print('ok', multiprocessing.get_start_method())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-2:] == ["ok", "forkserver"]
