@@ -85,6 +85,7 @@ from fast_ressl.data import Batch, EndlessLoader, torch_dtype
 from fast_ressl.datasets import (DataError, FileDataset, check_image, dataset_identity, epoch_block,
                                  prepare_dataset, report_left_out)
 
+from .decode_check import UNAVAILABLE
 from .pipeline import DEBUG_KEYS, eval_pipeline, train_pipeline
 
 
@@ -95,6 +96,11 @@ def _device_id(device: torch.device) -> Optional[int]:
     if device.type != "cuda":
         return None
     return device.index if device.index is not None else torch.cuda.current_device()
+
+
+class DecodeCheckUnavailable(RuntimeError):
+    """The child that asks DALI's decoder about files could not build its pipeline, or failed on a
+    JPEG known to be good: whatever failed the batch, the files cannot be blamed for it here."""
 
 
 def _dali_error(files: List[str], data, device_id: Optional[int]) -> Optional[str]:
@@ -112,6 +118,9 @@ def _dali_error(files: List[str], data, device_id: Optional[int]) -> Optional[st
         return "DALI's decoder did not finish in 600 s"
     if q.returncode == 0:
         return None
+    if q.returncode == UNAVAILABLE:  # not an answer about the files
+        raise DecodeCheckUnavailable(f"DALI's decoder could not be set up in a child process to check which "
+                                     f"files it cannot decode: {_ANSI.sub('', q.stderr).strip()[-500:]}")
     if q.returncode < 0:
         return f"DALI's decoder crashed ({signal.Signals(-q.returncode).name})"
     # DALI's message: where the operator was defined, then "encountered:" and the cause
@@ -126,13 +135,17 @@ def undecodable(files: List[str], data, device_id: Optional[int]) -> Dict[str, s
     and check_image decode with PIL), found by halving: decoder-only pipelines over the failing
     halves, each in a child process (_dali_error), about 2 * log2(len(files)) of them per such
     file, each decoding its half once (0.36 s a child on this 2-core CPU: 11 children, 3.9 s, for
-    a bilevel TIFF among 32 files; a rare event).
+    a bilevel TIFF among 32 files; a rare event), after one control child (_check_control) that
+    tells a decoder that fails on anything from one that fails on these files.
 
     Seen on the CPU: a bilevel (1-bit) TIFF, which PIL writes without the optional BitsPerSample
     tag, fails DALI 2.4's TIFF parser ("missing: BitsPerSample"). On a GPU the mixed decoder
     (nvImageCodec) has decoders of its own, so it is asked there, with the training pipeline's
     settings."""
     found: Dict[str, str] = {}
+    if not files:
+        return found
+    _check_control(data, device_id)
 
     def search(group: List[str], reason: str) -> None:
         if len(group) == 1:
@@ -143,10 +156,31 @@ def undecodable(files: List[str], data, device_id: Optional[int]) -> Dict[str, s
             if err is not None:
                 search(half, err)
 
-    err = _dali_error(files, data, device_id) if files else None
+    err = _dali_error(files, data, device_id)
     if err is not None:
         search(files, err)
     return found
+
+
+def _check_control(data, device_id: Optional[int]) -> None:
+    """Raise DecodeCheckUnavailable unless a child decodes a JPEG known to be good (64x64 px, made
+    here by PIL) with the training pipeline's decoder settings. Without this control, a child that
+    fails for a reason of its own (no CUDA context for a second process on a GPU in EXCLUSIVE_PROCESS
+    mode, out of GPU memory right after the batch itself failed from it) reads as a file DALI cannot
+    decode, down to every single file: found in review, shown on this GPU-less machine by asking
+    for device 0, where all 4 good JPEGs of a window were marked undecodable (6 children)."""
+    import tempfile
+
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory(prefix="fast_ressl_control_") as tmp:
+        path = os.path.join(tmp, "control.jpg")
+        ramp = np.linspace(0, 255, 64 * 64 * 3).astype(np.uint8).reshape(64, 64, 3)
+        Image.fromarray(ramp).save(path, quality=90)
+        err = _dali_error([path], data, device_id)
+    if err is not None:
+        raise DecodeCheckUnavailable(f"DALI's decoder, in a child process, failed on a JPEG known to be good "
+                                     f"({err}): the batch's failure cannot be put down to its files")
 
 
 def failed_files(files: List[str], data, device_id: Optional[int]) -> Dict[str, str]:
@@ -544,7 +578,11 @@ class DaliEvalLoader:
                              gpu=self.device.type == "cuda", batch_size=self.batch_size,
                              num_threads=d.num_threads, device_id=_device_id(self.device), seed=d.seed)
         pipe.build()
-        return DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader", last_batch_policy=_partial())
+        # prepare_first_batch=False: the first batch is run by the first next(), inside __iter__'s
+        # handler; run in the constructor (the default), a file DALI cannot decode in it escaped
+        # the handler and ended the pass (and the run, through the kNN monitor)
+        return DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader", last_batch_policy=_partial(),
+                                   prepare_first_batch=False)
 
     def _drop_failed(self, start: int) -> bool:
         """After DALI failed a batch: the bad files of the batches from `start` on that DALI had in

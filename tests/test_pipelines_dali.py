@@ -347,14 +347,17 @@ def test_eval_loader_sees_every_file_once_center_crop(jpeg_folder):
     assert torch.equal(x, again)  # deterministic
 
 
-def test_eval_pass_leaves_out_a_file_only_pil_decodes(jpeg_folder, capsys):
+@pytest.mark.parametrize("where", ["class_1/odd_bilevel.tif", "class_0/a_bilevel.tif"],
+                         ids=["second_batch", "first_batch"])
+def test_eval_pass_leaves_out_a_file_only_pil_decodes(jpeg_folder, capsys, where):
     """A bilevel TIFF in the eval folder passes the scan (PIL decodes it) but fails DALI's TIFF
     parser: the pass used to raise, and through the online kNN monitor end the training run at each
     epoch's end. Now the file is found, reported once, left out of this pass and the next, and
-    every other image comes through with its label."""
+    every other image comes through with its label. In the pass's first batch too: the iterator
+    used to run that batch in its constructor, outside the pass's handler (found in review)."""
     from PIL import Image
 
-    tif = jpeg_folder / "class_1" / "odd_bilevel.tif"
+    tif = jpeg_folder / where
     Image.open(jpeg_folder / "class_1" / "img_004.JPEG").convert("1").save(tif, format="TIFF")
     cfg = _cfg(jpeg_folder, **{"data.eval_resize": 40})
     E = DaliEvalLoader(cfg, str(jpeg_folder), CPU, batch_size=20, progress=False)
@@ -365,6 +368,27 @@ def test_eval_pass_leaves_out_a_file_only_pil_decodes(jpeg_folder, capsys):
     assert torch.cat(xs).shape[0] == 48 and torch.cat(ys).tolist() == want
     assert E.bad_files == [str(tif)] and capsys.readouterr().err.count("failed to decode in the eval pass") == 1
     assert torch.cat([y for _, y in E]).tolist() == want and "failed to decode" not in capsys.readouterr().err
+
+
+def test_a_decode_check_that_cannot_run_blames_no_file(jpeg_folder):
+    """The halving search over a failed batch's files asks DALI's decoder in child processes. A
+    child that cannot decode anything (here: asked for GPU 999, which no machine has; on a cluster:
+    no CUDA context for a second process, out of memory) used to read as "DALI cannot decode it",
+    down to every single file of the window, after 2N-2 children. Now a control JPEG is asked first
+    and the search raises, naming the cause, with no file blamed; on a decoder that works, the same
+    window gives only the file that is at fault."""
+    from PIL import Image
+
+    from pipelines_dali import loader
+
+    data = _cfg(jpeg_folder).data
+    files = sorted(str(f) for f in (jpeg_folder / "class_0").iterdir())[:4]
+    with pytest.raises(loader.DecodeCheckUnavailable, match="could not be set up"):
+        loader.undecodable(files, data, device_id=999)
+    tif = jpeg_folder / "class_0" / "odd_bilevel.tif"
+    Image.open(files[0]).convert("1").save(tif, format="TIFF")
+    found = loader.undecodable(files + [str(tif)], data, device_id=None)
+    assert list(found) == [str(tif)] and found[str(tif)].startswith("DALI cannot decode it")
 
 
 def test_parse_ascii_labels():
