@@ -59,10 +59,12 @@ def network_passes(loop: Any) -> Tuple[Callable[[], None], Callable[[], None], C
         z.backward(grad)
 
     def teacher_fwd() -> None:
-        # grad mode on, as in the step (the teacher's parameters do not require grad, so no graph
-        # is recorded): under no_grad a compiled teacher would be compiled a second time
+        # under no_grad, as in the step (dist.teacher_keys): dynamo guards on grad mode, so with
+        # grad on a compiled teacher was compiled a second time inside the profiled call (found in
+        # review: network_ops 501 > ops_per_step 195 on the CPU), and with CUDA graphs a second
+        # graph would be recorded and timed instead of the step's
         mark()
-        with loop.amp:
+        with torch.no_grad(), loop.amp:
             loop.teacher(x_weak)
 
     def restore() -> None:

@@ -122,6 +122,16 @@ def test_step_fast_vs_reference_json(tmp_path):
         assert f"{r['ops_per_step']} ({r['bookkeeping_ops']}, {100 * r['bookkeeping_share']:.1f}%)" in text
 
 
+def test_compiled_networks_are_counted_as_the_step_runs_them(tmp_path):
+    """With model.compile=true (gpu_check's tune_step sweep) the networks-alone passes must run the
+    teacher as the step does, under no_grad: with grad on, dynamo compiled it again inside the
+    profiled call and counted the tracing's ops as the networks' (network_ops 501 against 195 ops
+    per step, bookkeeping -306; found in review)."""
+    s = bench.BenchSettings(modes=["step"], variants=["fast"], out=str(tmp_path / "bench.json"), **FAST)
+    report = bench.run_bench(None, TINY + ["model.compile=true"], s)
+    _check_result(report["runs"][0]["results"]["step"], "step")
+
+
 def test_loader_and_e2e_with_ablation(tmp_path, bench_data):
     root, _ = bench_data
     out = tmp_path / "b.json"
