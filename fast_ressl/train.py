@@ -224,7 +224,11 @@ class State:
         self.teacher.load_state_dict(sd["teacher"])
         self.queue.load_state_dict(sd["queue"])
         self.optimizer.load_state_dict(sd["optimizer"])
-        self.scaler.load_state_dict(sd["scaler"])
+        if sd["scaler"] or not self.scaler.is_enabled():
+            self.scaler.load_state_dict(sd["scaler"])  # (a disabled scaler ignores what it is given)
+        else:  # an fp32/bf16 run (no loss scaling: its scaler saved {}) resumed with fp16: torch refuses {}
+            _info(env, f"the checkpoint has no loss scale (train.precision was not fp16): fp16 loss scaling "
+                       f"starts afresh at {self.scaler.get_scale():g}")
         self.step, self.skipped_steps = int(sd["step"]), int(sd["skipped_steps"])
         if reshard:
             self.loader.load_state_dict({"epoch": self.step // self.loader.steps_per_epoch, "step_in_epoch": 0})

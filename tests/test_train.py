@@ -99,6 +99,22 @@ def test_resume_with_changed_config_is_refused(tmp_path):
     assert again == summary == json.loads((run / "summary.json").read_text())
 
 
+@pytest.mark.parametrize("before,after", [("fp32", "fp16"), ("fp16", "bf16")])
+def test_resume_across_loss_scaling_with_allow_config_change(tmp_path, capsys, before, after):
+    """A run without loss scaling (fp32/bf16: its GradScaler is disabled and saves {}) resumed with
+    train.precision=fp16 (a CPU smoke run moved to a GPU) ended in torch's "The source state dict
+    is empty" (found in review); now fp16 starts its loss scale afresh and says so. The other way,
+    the fp16 scale is dropped."""
+    run = tmp_path / "run"
+    train(_cfg(run, f"train.precision={before}", "train.stop_at_step=2"), live=False)
+    capsys.readouterr()
+    summary = train(_cfg(run, f"train.precision={after}"), allow_config_change=True, live=False)
+    out = capsys.readouterr()
+    assert summary["status"] == "completed" and summary["step"] == 8
+    assert ("loss scaling starts afresh at 65536" in out.out + out.err) == (after == "fp16")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(run))
+
+
 def _as_older_version(run, *dotted):
     """Rewrite last.pt as a fast_ressl without the config keys `dotted` would have written it: the
     stored config lacks them and its hash is of the config without them."""
