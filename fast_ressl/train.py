@@ -121,6 +121,13 @@ def teacher_bn_policy(cfg: Config, env: Env) -> str:
         policy = "shuffle" if env.distributed or cfg.model.bn_group_size else "local"
     if policy == "sync" and env.device.type != "cuda":
         raise RuntimeError("model.teacher_bn=sync needs CUDA (torch's SyncBatchNorm); use shuffle or local")
+    if policy == "sync" and env.world_size > 1 and env.is_main:
+        # torch's SyncBatchNorm.forward drops ranks with an empty batch by boolean indexing, a
+        # device-to-host sync in every BN layer outside CUDA-graph capture (torch/nn/modules/
+        # _functions.py; pytorch#78549): 53 BN layers in a ResNet-50 teacher
+        _warn_once("note: model.teacher_bn=sync: torch's SyncBatchNorm waits for the GPU once per BN layer "
+                   "per step (53 waits a step for a ResNet-50 teacher); model.teacher_bn=shuffle, the "
+                   "default on several ranks, normalises across ranks with no wait")
     return policy
 
 
