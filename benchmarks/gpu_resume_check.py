@@ -46,7 +46,11 @@ def overrides(root: Path, loader: str, device: str, backbone: str, size: int, ba
 
 
 def _env() -> Dict[str, str]:
-    env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONPATH": str(REPO)}
+    """The runs' environment: the repository first on PYTHONPATH, what was there kept (gpu_check puts
+    gpu_install's fallback folder there when the image's site-packages cannot be written: without
+    it the runs could not import omegaconf)."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONPATH": path}
     env.pop("FAST_RESSL_FAULT_NAN", None)
     return env
 

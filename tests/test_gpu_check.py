@@ -208,6 +208,16 @@ def test_the_next_call_skips_what_passed_and_keeps_the_other_arguments():
                    "command": "bash benchmarks/gpu_check.sh --budget 400 --skip tune,bench_resnet50,sync"}
 
 
+def test_resume_check_runs_keep_the_inherited_pythonpath(monkeypatch):
+    """The resume check's train runs used to get PYTHONPATH=<repo> alone, dropping the folder
+    gpu_check puts there for a carry unpacked outside site-packages (found in review): on an image
+    whose venv cannot be written, every run would have failed to import omegaconf."""
+    monkeypatch.setenv("PYTHONPATH", "/tmp/fast_ressl_site-py3.12")
+    assert gpu_resume_check._env()["PYTHONPATH"].split(os.pathsep) == [str(REPO), "/tmp/fast_ressl_site-py3.12"]
+    monkeypatch.delenv("PYTHONPATH")
+    assert gpu_resume_check._env()["PYTHONPATH"] == str(REPO)
+
+
 def test_resume_verdict_bitwise_or_to_the_control_runs_tolerance():
     """A control run that repeats A bit for bit makes the verdict bitwise; one that does not (a
     nondeterministic GPU kernel) makes it a tolerance as wide as the control's own distance (x2)."""
