@@ -40,8 +40,12 @@ first model whose bench runs). Everything goes to --out (default $OUT, else
 bench_out/gpu_check), at most 7 files (the device tool brings back 8): gpu_check.json (machine,
 versions, settings, every stage's status, times and parsed results, the full bench reports),
 gpu_check.log (each stage's log tail), bench_<model>.json, tune_loader.json and tune_step.json (the
-reports, for benchmarks/results/). Scratch files (JPEGs, run dirs) go to --work. A short table is printed last.
-Exit status: 0 if every stage passed, 1 otherwise, 2 without CUDA.
+reports, for benchmarks/results/; the benches write them there as they measure, so a call killed at
+the device's limit still brings back every finished measurement). On SIGTERM/SIGINT the running
+stage is recorded as killed, with what it had written, before the script exits. Scratch files
+(JPEGs, run dirs) go to --work. A short table is printed last.
+Exit status: 0 if every stage passed, 1 otherwise, 2 without CUDA or without omegaconf after the
+install (every stage imports it: nothing else is run).
 """
 from __future__ import annotations
 
@@ -63,6 +67,11 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = ("resnet50", "efficientnet_b0", "mobilenetv3_large_100")
 # Seconds kept back from the budget for the report; a stage with less than MIN_STAGE_S left is skipped.
 RESERVE_S, MIN_STAGE_S = 15.0, 20.0
+# Stages that cannot give anything in less: a bench's first measurement comes after its imports,
+# the loader's scan and a compiled step's first compile (~60 s is the helper review's estimate for
+# resnet50 on the GPU machine, not measured); the resume check is all or nothing (four train runs);
+# tune_step compiles the networks twice. Arithmetic, to be checked against the first GPU log.
+STAGE_MIN_S = {"bench": 60.0, "resume": 100.0, "tune_step": 120.0}
 # Seconds a stage past its timeout gets between SIGINT (write what you have) and SIGKILL.
 GRACE_S = 10.0
 
@@ -111,8 +120,10 @@ class Runner:
     and torchrun children too), under one deadline; records each stage; on SIGTERM/SIGINT kills
     every process it started."""
 
-    def __init__(self, work: Path, budget: float):
-        self.t0 = time.time()
+    def __init__(self, work: Path, budget: float, t0: Optional[float] = None):
+        # t0: when the script started (main passes it): the CUDA probe before the Runner exists
+        # takes 10-20 s on a cold machine, and the device's limit counts it
+        self.t0 = time.time() if t0 is None else t0
         self.deadline = self.t0 + budget
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -130,6 +141,7 @@ class Runner:
         self.procs: List[subprocess.Popen] = []  # every process started (stages, background data)
         self._launching, self._stopping = False, 0
         self.min_stage_s = MIN_STAGE_S
+        self.current: Optional[Dict[str, Any]] = None  # the stage running now (stop() records it)
 
     def _interrupt(self, proc: subprocess.Popen) -> int:
         """A stage past its timeout: SIGINT to its group first, so it can leave what it has (pytest
@@ -174,6 +186,18 @@ class Runner:
         for proc in self.procs:
             if proc.poll() is None:
                 _kill_group(proc)
+        cur, self.current = self.current, None
+        if cur is not None:  # its record and the report on disk: what it had written is kept
+            try:
+                rec = {"status": "killed", "signal": signal.Signals(signum).name,
+                       "seconds": round(time.time() - cur["start"], 1), "timeout_s": cur["timeout_s"],
+                       "cmd": cur["cmd"], "log_tail": tail(cur["log"], 25)}
+                if cur["result"] is not None:
+                    rec["result"] = cur["result"]()
+                print(f"[gpu_check] {cur['name']}: killed ({rec['signal']}, {rec['seconds']} s)", flush=True)
+                self.record(cur["name"], rec)
+            except Exception as err:  # noqa: BLE001 - the exit must not wait on the report
+                print(f"[gpu_check] could not record the killed stage: {err}", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum)
 
     def left(self) -> float:
@@ -189,15 +213,18 @@ class Runner:
         return self.record(name, {"status": "skipped", "reason": reason})
 
     def run(self, name: str, cmd: List[str], timeout: float, result: Optional[Callable[[], Any]] = None,
-            env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+            env: Optional[Dict[str, str]] = None, min_s: Optional[float] = None) -> Dict[str, Any]:
         """Run `cmd` as stage `name` (with `env` added to the stages' environment); `result()`
-        (parsing the stage's output file) fills rec["result"]."""
+        (parsing the stage's output file) fills rec["result"]. Skipped if less than `min_s`
+        (default min_stage_s) of the budget is left."""
         t = min(timeout, self.left())
-        if t < self.min_stage_s:
+        if t < (self.min_stage_s if min_s is None else min_s):
             return self.skip(name, f"out of time: {max(0.0, self.left()):.0f} s of the budget left")
         log = self.logs / f"{name}.log"
         print(f"[gpu_check] {name}: {' '.join(cmd)} (timeout {t:.0f} s)", flush=True)
         start = time.time()
+        self.current = {"name": name, "start": start, "timeout_s": round(t), "cmd": cmd, "log": log,
+                        "result": result}
         with open(log, "w") as f:
             proc = self.spawn(cmd, env={**self.env, **(env or {})}, stdout=f, stderr=subprocess.STDOUT)
             try:
@@ -206,6 +233,7 @@ class Runner:
             except subprocess.TimeoutExpired:
                 rc, status = self._interrupt(proc), "timeout"
             _kill_group(proc)  # what the stage left running (DataLoader workers, a torchrun child)
+        self.current = None
         rec = {"status": status, "rc": rc, "seconds": round(time.time() - start, 1), "timeout_s": round(t),
                "cmd": cmd, "log_tail": tail(log, 25)}
         if result is not None:
@@ -271,8 +299,11 @@ def machine_info(py: str) -> Dict[str, Any]:
             "    out['compile_toolchain'] = toolchain_problem('cuda') or 'ok'\n"
             "except Exception as e:\n    out['compile_toolchain'] = f'unknown: {e}'\n"
             "print(json.dumps(out))")
-    q = subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=120)
-    info["versions"] = json.loads(q.stdout) if q.returncode == 0 else {"error": q.stderr[-500:]}
+    try:
+        q = subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=120)
+        info["versions"] = json.loads(q.stdout) if q.returncode == 0 else {"error": q.stderr[-500:]}
+    except subprocess.TimeoutExpired:  # the stages still run; the report says what is unknown
+        info["versions"] = {"error": "the versions probe (import torch, timm, DALI) took over 120 s"}
     return info
 
 
@@ -527,6 +558,7 @@ def stage_result(name: str, rec: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    t_start = time.time()
     a = parse_args(argv)
     py = sys.executable
     why = cuda_available(py) if a.device == "cuda" else None
@@ -540,7 +572,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # where gpu_install.py unpacks the carry if this Python's site-packages cannot be written: on
     # the path of every process started from here (stages, import checks, the versions probe)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FALLBACK_TARGET), os.environ.get("PYTHONPATH")]))
-    runner = Runner(work, a.budget)
+    runner = Runner(work, a.budget, t0=t_start)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, runner.stop)
     skip = set(filter(None, a.skip.split(",")))
@@ -553,6 +585,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         have_dali = subprocess.run([py, "-c", "import nvidia.dali"], capture_output=True).returncode == 0
     else:
         have_dali = dali_stage(py, runner, Path(a.dali_sums))
+    q = subprocess.run([py, "-c", "import omegaconf"], capture_output=True, text=True)
+    if q.returncode != 0:  # fast_ressl's config: every later stage would fail on it, minutes of them
+        print("gpu_check: omegaconf cannot be imported after the dali stage (it comes with the carried parts: "
+              f"{(q.stderr.strip().splitlines() or ['?'])[-1]}); every later stage needs it, so nothing else "
+              "was run. If the machine went back between the carry calls, its parts are gone: make the "
+              "carry calls again, back to back, then this one", file=sys.stderr)
+        write_report(a, argv, runner, info, out, work, models, threads)
+        return 2
     # after the install: make-bench-data imports fast_ressl's config, i.e. omegaconf, which the GPU
     # image gets from the carried parts too. CPU work, in the background while pytest runs.
     data_job = start_data(py, work, a.images, a.parallel, runner)
@@ -566,9 +606,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench_data = data if have_dali else None  # no DALI: step mode only
 
     def bench(model: str, first: bool) -> None:
-        rep = work / f"bench_{model}.json"
+        rep = out / f"bench_{model}.json"  # written as it measures: a kill keeps what is finished
+        rep.unlink(missing_ok=True)  # an --out used before must not lend this stage an old report
         runner.run(f"bench_{model}", bench_cmd(py, model, a, bench_data, threads, rep, first), timeout=150,
-                   result=lambda: load_json(rep))
+                   result=lambda: load_json(rep), min_s=STAGE_MIN_S["bench"])
 
     # the main model's bench and its host syncs per step, the other models' benches (RESULTS.md's
     # figures), then the CLI kill -9 + resume check (pytest -m gpu has already run one on synthetic
@@ -593,10 +634,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         rj = work / "resume.json"
         runner.run("resume", [py, str(REPO / "benchmarks" / "gpu_resume_check.py"), "--work",
                               str(work / "resume"), "--device", a.device, "--out", str(rj)], timeout=150,
-                   result=lambda: load_json(rj))
+                   result=lambda: load_json(rj), min_s=STAGE_MIN_S["resume"])
     if not skip & {"tune", "tune_loader"} and bench_data is not None:
         # what is left of the budget: the loader alone over a grid of DALI settings (issue 11's tuning)
-        tj = work / "tune_loader.json"
+        tj = out / "tune_loader.json"
+        tj.unlink(missing_ok=True)
         # (train.precision rides along with the run's overrides: the loader's output is data.dtype)
         cmd = [py, "-m", "fast_ressl", "bench", "-", *run_overrides(a, main_model),
                f"run.device={a.device}", "--presets", "fast", "--modes", "loader", "--data", str(bench_data),
@@ -607,12 +649,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not skip & {"tune", "tune_step"}:
         # the step with the networks compiled too (model.compile=true), without and with CUDA graphs,
         # against the fast default
-        sj2 = work / "tune_step.json"
+        sj2 = out / "tune_step.json"
+        sj2.unlink(missing_ok=True)
         cmd = [py, "-m", "fast_ressl", "bench", "-", *run_overrides(a, main_model),
                f"run.device={a.device}", "--presets", "fast", "--modes", "step", "--warmup", str(a.warmup),
                "--iters", str(a.iters), "--repeats", "2", "--out", str(sj2),
                "--sweep", "model.compile=true", "--sweep", "model.compile_mode=default,reduce-overhead"]
-        runner.run("tune_step", cmd, timeout=240, result=lambda: load_json(sj2))
+        runner.run("tune_step", cmd, timeout=240, result=lambda: load_json(sj2), min_s=STAGE_MIN_S["tune_step"])
     if "ddp" not in skip:
         # last, the first to go when time runs out: not one of issue 11's asks, but the first figure
         # a user planning a multi-GPU run wants
@@ -622,7 +665,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                f"run.device={a.device}", "--presets", "fast", "--modes", "step", "--warmup", str(a.warmup),
                "--iters", str(a.iters), "--repeats", "2", "--out", str(dj)]
         runner.run("ddp", cmd, timeout=150, result=lambda: ddp_result(load_json(dj), load_json(
-            work / f"bench_{main_model}.json")), env={"FAST_RESSL_DDP_ONE_RANK": "1"})
+            out / f"bench_{main_model}.json")), env={"FAST_RESSL_DDP_ONE_RANK": "1"})
     report = write_report(a, argv, runner, info, out, work, models, threads)
     return print_summary(a, runner, info, out, models, report)
 
@@ -641,9 +684,6 @@ def write_report(a: argparse.Namespace, argv: Optional[List[str]], runner: Runne
     with open(out / "gpu_check.log", "w") as f:
         for name in runner.stages:  # in the order they ran (or were skipped)
             f.write(f"===== {name}\n" + "\n".join(tail(runner.logs / f"{name}.log", 200)) + "\n")
-    for name in [f"bench_{m}.json" for m in models] + ["tune_loader.json", "tune_step.json"]:
-        if (work / name).exists():
-            shutil.copy(work / name, out / name)
     return report
 
 

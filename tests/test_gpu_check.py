@@ -72,6 +72,26 @@ def test_without_cuda_it_says_so_and_exits_nonzero(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:stand-in sync")  # the warm-up steps' (not counted)
+def test_without_omegaconf_after_the_install_nothing_else_runs(tmp_path):
+    """omegaconf reaches the GPU image only with the carried parts: if it still cannot be imported
+    after the dali stage (the machine went back between the carry calls), every later stage would
+    fail on it, minutes of device time; the script stops there, says what to redo and exits 2.
+    (A package on PYTHONPATH that fails to import stands in for the missing one.)"""
+    import json
+
+    shadow = tmp_path / "shadow" / "omegaconf"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('not carried (test)')\n")
+    out, work = tmp_path / "out", tmp_path / "work"
+    q = _bash("--device", "cpu", "--skip", "dali", "--out", str(out), "--work", str(work),
+              PYTHONPATH=str(tmp_path / "shadow"))
+    assert q.returncode == 2, q.stderr
+    assert "omegaconf cannot be imported" in q.stderr and "not carried (test)" in q.stderr
+    assert "make the carry calls again" in q.stderr
+    assert json.loads((out / "gpu_check.json").read_text())["stages"] == {}
+    assert not (work / "parts").exists()  # no JPEGs were started
+
+
 def test_sync_counts_are_attributed_to_steps_log_and_threads(monkeypatch):
     """The sync check's harness on the CPU (no sync debug mode there): warnings raised inside the step
     body and inside the meter's log land on the right step and are told apart; log steps (multiples of
@@ -267,7 +287,8 @@ def test_report_on_disk_after_every_stage_survives_a_kill(tmp_path):
 
 def test_sigterm_takes_the_running_stage_down_too(tmp_path):
     """`timeout` at the device's limit sends SIGTERM to the script alone; the stage it was running
-    (its own session) must not run on, busy on the GPU, into the next call.
+    (its own session) must not run on, busy on the GPU, into the next call; and the report on disk
+    records it as killed, with its log.
 
     The stage is the bench (~50 s here, so it would outlive the 10 s this test gives the kill),
     seen by its report path, which only its command line holds. (A child forked by gpu_check or by
@@ -275,14 +296,14 @@ def test_sigterm_takes_the_running_stage_down_too(tmp_path):
     bench's start line and then 30 s for a process naming `work`: on the CI machine it saw none,
     once in many runs, not reproduced here, under load either; it now reads the output as it
     comes and, if it sees no bench, fails with what the script printed and each stage's log."""
+    import json
     import signal
     import threading
     import time
 
-    work = tmp_path / "work"
+    out, work = tmp_path / "out", tmp_path / "work"
     cmd = ["bash", str(SCRIPT), "--device", "cpu", "--models", "test_resnet", "--size", "32", "--batch", "8",
-           "--images", "32", "--parallel", "1", "--skip", "dali,pytest", "--out", str(tmp_path / "out"),
-           "--work", str(work)]
+           "--images", "32", "--parallel", "1", "--skip", "dali,pytest", "--out", str(out), "--work", str(work)]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHON": sys.executable}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     printed = []  # gpu_check's output, read as it comes
@@ -290,10 +311,10 @@ def test_sigterm_takes_the_running_stage_down_too(tmp_path):
     reader.start()
     try:
         deadline = time.time() + 180
-        while not _processes_naming(work / "bench_test_resnet.json") and proc.poll() is None \
+        while not _processes_naming(out / "bench_test_resnet.json") and proc.poll() is None \
                 and time.time() < deadline:
             time.sleep(0.05)
-        running = _processes_naming(work / "bench_test_resnet.json")
+        running = _processes_naming(out / "bench_test_resnet.json")
         if not running:
             logs = {f.name: f.read_text()[-1500:] for f in sorted((work / "logs").glob("*.log"))}
             pytest.fail(f"the bench stage was not seen running (gpu_check rc {proc.poll()}); it printed:\n"
@@ -304,6 +325,8 @@ def test_sigterm_takes_the_running_stage_down_too(tmp_path):
         while _processes_naming(work) and time.time() < deadline:
             time.sleep(0.1)
         assert _processes_naming(work) == [], f"left running after SIGTERM: {running}\n" + "".join(printed)
+        rec = json.loads((out / "gpu_check.json").read_text())["stages"]["bench_test_resnet"]
+        assert (rec["status"], rec["signal"]) == ("killed", "SIGTERM") and isinstance(rec["log_tail"], list), rec
     finally:
         proc.kill()
         proc.wait()  # dead: it can start no further stage, so the clean-up below is complete
@@ -378,6 +401,19 @@ def test_parallel_gpu_tests_cut_by_the_timeout_keep_their_results(tmp_path):
     # (the class name before '::' depends on the rootdir pytest infers for a folder under /tmp)
     assert {t["test"].rsplit("::", 1)[-1] for t in res["tests"] if t["outcome"] == "passed"} == {
         "test_quick_a", "test_quick_b"}
+
+
+def test_a_stage_that_cannot_give_anything_in_the_time_left_is_skipped(tmp_path):
+    """The budget counts from the script's start (the CUDA probe before the Runner exists takes
+    10-20 s on a cold machine), and a bench, the resume check or the compile sweep is not started
+    with less time left than it needs to give anything (gpu_check.STAGE_MIN_S)."""
+    import time
+
+    runner = gpu_check.Runner(tmp_path / "work", budget=100 + gpu_check.RESERVE_S, t0=time.time() - 50)
+    assert 45 < runner.left() <= 50
+    rec = runner.run("bench_x", [sys.executable, "-c", "pass"], timeout=150, min_s=gpu_check.STAGE_MIN_S["bench"])
+    assert rec["status"] == "skipped" and rec["reason"].startswith("out of time")
+    assert runner.run("sync", [sys.executable, "-c", "pass"], timeout=150)["status"] == "ok"
 
 
 def test_stages_keep_their_temporary_files_in_the_scratch_folder(tmp_path):
