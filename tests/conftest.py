@@ -25,6 +25,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _backend_flags_as_they_were():
+    """Each test starts from the backend flags in force before it: an in-process training run with
+    train.deterministic=true leaves torch's deterministic-algorithms mode on (configure_backends),
+    which would change later tests' kernels in the same process (an xdist worker on the GPU runs
+    many; found in review)."""
+    from fast_ressl.bench import backend_flags_restored
+
+    with backend_flags_restored():
+        yield
+
+
 def _smooth_image(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     """A colourful, smooth random image (gradients + blobs + a little noise), uint8 HxWx3."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)

@@ -266,11 +266,13 @@ def test_bad_files_skipped_and_listed_odd_files_kept(messy_folder):
         assert torch.isfinite(b.x_weak.float()).all()
 
 
-# The GPU's decoders (nvImageCodec: nvJPEG, the hardware engines, its CPU fallback for what they
-# cannot take) may upsample chroma otherwise than libjpeg-turbo: 4 levels of 255 on average for
-# them, 2 for DALI's CPU decoder. A CMYK file read without Adobe's inversion, a grey one left with
-# one channel, or an ignored EXIF rotation is off by far more.
-@pytest.mark.parametrize("device,tolerance", [("cpu", 2.0), pytest.param("mixed", 4.0, marks=pytest.mark.gpu)])
+# What this test is for: colour space and orientation. A CMYK file read without Adobe's inversion
+# is off by ~100 levels of 255, a grey one left with one channel or an ignored EXIF rotation fails
+# the shape check. DALI's CPU decoder matches PIL exactly on these files (0.0). The GPU's decoders
+# upsample 4:2:0 chroma by nearest neighbour unless asked (jpeg_fancy_upsampling, off by default, is
+# asked here); libjpeg-turbo's non-fancy upsampling is 4.5 levels from PIL on the EXIF file
+# (measured in review), so the GPU bound is 8 in case the option does not reach every decoder.
+@pytest.mark.parametrize("device,tolerance", [("cpu", 2.0), pytest.param("mixed", 8.0, marks=pytest.mark.gpu)])
 def test_odd_files_decode_to_rgb_like_pil(messy_folder, device, tolerance):
     from nvidia.dali import fn, pipeline_def, types
 
@@ -282,7 +284,8 @@ def test_odd_files_decode_to_rgb_like_pil(messy_folder, device, tolerance):
     @pipeline_def(batch_size=len(files), num_threads=1, device_id=None if device == "cpu" else 0)
     def decode():
         enc, _ = fn.readers.file(files=files)
-        return fn.decoders.image(enc, device=device, output_type=types.RGB)
+        fancy = {"jpeg_fancy_upsampling": True} if device == "mixed" else {}
+        return fn.decoders.image(enc, device=device, output_type=types.RGB, **fancy)
 
     pipe = decode()
     pipe.build()
