@@ -19,7 +19,7 @@ def render(report: dict) -> str:
     for mode in report["settings"]["modes"]:
         for run in report["runs"]:
             res = run["results"].get(mode)
-            if not res or "median" not in res:
+            if not res or not ("median" in res or "error" in res):
                 continue
             rows.append("| " + " | ".join(result_cells(mode, run["variant"], res, ratios)) + " |")
     m = report["machine"]

@@ -710,8 +710,21 @@ def run_bench(config: Optional[str], overrides: List[str], s: BenchSettings,
                                                    "(see `fast-ressl make-bench-data`)"}
                 continue
             _say(console, f"[bold]{v.name}[/] {mode} ...")
-            with backend_flags_restored():  # variant order cannot change another variant's flags
-                res = bench_loader(cfg, s, v) if mode == "loader" else bench_train(cfg, s, v, mode)
+            try:
+                with backend_flags_restored():  # variant order cannot change another variant's flags
+                    res = bench_loader(cfg, s, v) if mode == "loader" else bench_train(cfg, s, v, mode)
+            except Exception as err:  # noqa: BLE001 - one failed measurement must not cost the others
+                # (e.g. the reference's torch loader refused for want of /dev/shm, an out-of-memory
+                # variant): recorded, said, and the bench goes on; the exit status is 1
+                import traceback
+
+                traceback.print_exc()
+                res = {"error": f"{type(err).__name__}: {err}"[:1000]}
+                run["results"][mode] = res
+                _say(console, f"  {v.name} {mode}: FAILED ({res['error'][:200]})")
+                so_far = report["runs"] + [run]
+                _write_report({**report, "runs": so_far, "ratios": _ratios(so_far), "complete": False}, s.out)
+                continue
             if run["config"] is None or mode != "step":
                 # after the run: build_env resolved what depends on the device (train.precision=auto)
                 run["config"] = to_dict(cfg)  # the resolved config (of the loader modes if any)
@@ -727,6 +740,8 @@ def run_bench(config: Optional[str], overrides: List[str], s: BenchSettings,
     if s.sweep:
         report["sweep"] = sweep_best(report["runs"], s.sweep)
     report["machine"]["loadavg_end"] = _loadavg()
+    report["failed"] = [f"{r['variant']} {m}" for r in report["runs"] for m, res in r["results"].items()
+                        if "error" in res]
     report["complete"] = True
     _write_report(report, s.out)
     return report
@@ -803,6 +818,8 @@ def result_cells(mode: str, variant: str, res: Dict[str, Any], ratios: Dict[str,
     (RESULTS.md) both use it."""
     if "skipped" in res:
         return [mode, variant, "-", "-", "-", "-", "-", res["skipped"]]
+    if "error" in res:
+        return [mode, variant, "-", "-", "-", "-", "-", f"FAILED: {res['error'][:160]}"]
     ratio = ratios.get(variant, {}).get(mode)
     details = []
     if "tflops" in res:
@@ -864,6 +881,10 @@ def cmd_bench(args) -> int:
 
         png = plot_bench(report, Path(s.out or "bench.json").with_suffix(".png"))
         console.print(f"wrote {png}", highlight=False)
+    if report["failed"]:
+        console.print(f"failed: {', '.join(report['failed'])} (the error is in the table and the JSON; "
+                      "every other measurement ran)", highlight=False)
+        return 1
     return 0
 
 

@@ -301,6 +301,27 @@ def test_sweep_measures_every_grid_point_and_names_the_fastest(tmp_path, bench_d
     assert best["vs_fast"] == pytest.approx(best["median"] / medians["fast"])
 
 
+def test_a_failed_measurement_is_recorded_and_the_others_still_run(tmp_path, capsys):
+    """A measurement that raises (here a sweep point naming a backbone timm does not have; on a GPU
+    machine, say, the reference's torch loader refused for want of /dev/shm) used to end the bench,
+    losing every later measurement; now its error is in the JSON and the table, the rest run, and
+    the exit status is 1."""
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "-", *TINY, "preset=fast", "--modes", "step", "--warmup", "1", "--iters", "1",
+               "--repeats", "2", "--out", str(out), "--sweep", "model.backbone=no_such_net,test_resnet"])
+    assert rc == 1
+    report = json.loads(out.read_text())
+    assert report["complete"] is True and report["failed"] == ["model.backbone=no_such_net step"]
+    by = {r["variant"]: r["results"]["step"] for r in report["runs"]}
+    assert list(by) == ["fast", "model.backbone=no_such_net", "model.backbone=test_resnet"]
+    assert "no_such_net" in by["model.backbone=no_such_net"]["error"]
+    _check_result(by["model.backbone=test_resnet"], "step")  # measured after the failure
+    assert report["sweep"]["best"]["step"]["variant"] == "model.backbone=test_resnet"
+    text = capsys.readouterr().out
+    assert "FAILED: " in text and "failed: model.backbone=no_such_net step" in text
+    assert "| step | model.backbone=no_such_net | - |" in _render_results().render(report)
+
+
 def test_sweep_parsing_and_errors(capsys):
     assert bench.parse_sweep(["data.strong=[{size: 160}, {size: 96}],[{size: 224}]", "model.compile=false,true"]) == [
         ("data.strong", ("[{size: 160}, {size: 96}]", "[{size: 224}]")), ("model.compile", ("false", "true"))]
@@ -403,14 +424,19 @@ def test_a_killed_bench_leaves_every_finished_measurement(tmp_path):
     assert report["complete"] is False, "the bench finished before the kill: make its variants slower"
     assert 1 <= len(report["runs"]) < 6 and report["runs"][0]["variant"] == "fast"
     assert report["runs"][0]["results"]["step"]["median"] > 0
+    assert "Partial report" in _render_results().render(report)
+
+
+def _render_results():
+    """benchmarks/render_results.py (RESULTS.md's tables), imported from its path."""
     import importlib.util
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
         "render_results", Path(__file__).resolve().parents[1] / "benchmarks" / "render_results.py")
-    render_results = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(render_results)
-    assert "Partial report" in render_results.render(report)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_data_side_ablation_skips_step_mode():
