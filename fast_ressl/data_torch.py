@@ -444,6 +444,11 @@ class TorchEvalLoader:
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)
 
+    @property
+    def images(self) -> int:
+        """Images a pass yields now: the block less the files passes have left out."""
+        return len(self.dataset)
+
     def __iter__(self):
         w = self.num_workers
         if w > 0 and self._prefetch is None:  # once per loader: the kNN monitor iterates every epoch

@@ -133,6 +133,26 @@ def _subset(ds, max_samples: int, seed: int):
                        ds.bad_files, ds.bad_reasons)
 
 
+def in_train_classes(val_ds, train_ds):
+    """`val_ds` with its labels as indices into `train_ds.classes`. Each root's labels index its own
+    sorted class folders, so a val root missing one class folder shifted every later label and kNN
+    and the linear probe scored against the wrong classes without a word (found in review: raw-pixel
+    kNN on copies of the train images fell from 100% to 0% with val/class_0 removed). Raises
+    ValueError naming the val classes the training set lacks (nothing could predict them)."""
+    from .datasets import FileDataset
+
+    if val_ds.classes == train_ds.classes or not val_ds.classes or not train_ds.classes:
+        return val_ds
+    index = {c: i for i, c in enumerate(train_ds.classes)}
+    unknown = [c for c in val_ds.classes if c not in index]
+    if unknown:
+        raise ValueError(f"the validation set has {len(unknown)} class folder(s) the training set lacks "
+                         f"({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}): a kNN or linear "
+                         "probe cannot predict them")
+    return FileDataset(val_ds.files, [index[val_ds.classes[y]] for y in val_ds.labels], list(train_ds.classes),
+                       val_ds.root, val_ds.bad_files, val_ds.bad_reasons)
+
+
 def _dataset(cfg: Config, root: str, max_samples: int = 0, seed: int = 0):
     """The class folders at `root` (bad files dropped via the denylist scan), optionally a fixed
     random subset of `max_samples` files."""
@@ -166,7 +186,8 @@ def _autocast(device: torch.device):
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, batches, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Pooled backbone features of every batch (eval mode; the module's mode is restored)."""
+    """Pooled backbone features (N, D) float32 and labels (N,) int64 of every batch (eval mode; the
+    module's mode is restored). N may be 0: a block whose files were all left out."""
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
@@ -180,6 +201,9 @@ def extract_features(backbone: nn.Module, batches, device: torch.device) -> Tupl
             labels.append(y.to(device))
     finally:
         backbone.train(was_training)
+    if not feats:  # (torch.cat of nothing raises: on one rank of several, the others would wait)
+        return (torch.zeros(0, feature_dim(backbone), device=device),
+                torch.zeros(0, dtype=torch.int64, device=device))
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -188,13 +212,38 @@ class _CachedImages:
 
     def __init__(self, batches):
         self.items = [(x.clone(), y.clone()) for x, y in batches]
+        self.images = sum(int(y.shape[0]) for _, y in self.items)  # what a pass yields
 
     def __iter__(self):
         return iter(self.items)
 
 
 def _images_bytes(cfg: Config, n: int) -> int:
-    return n * 3 * cfg.data.weak.size ** 2 * 2
+    """Bytes of `n` kept center crops, in the eval loaders' output dtype (data.dtype)."""
+    from .data import torch_dtype
+
+    return n * 3 * cfg.data.weak.size ** 2 * torch_dtype(cfg.data.dtype).itemsize
+
+
+def _kept_if_small(cfg: Config, ds, device: torch.device, batch_size: int):
+    """Eval batches of `ds`, decoded once and kept when the crops fit in eval.cache_mb, else an eval
+    loader that decodes again on every pass (ImageNet's 1.28M crops at 224 px are 385 GB in bf16)."""
+    batches = eval_batches(cfg, ds, device, batch_size)
+    return _CachedImages(batches) if _images_bytes(cfg, len(ds)) <= cfg.eval.cache_mb * 2 ** 20 else batches
+
+
+# Raw pixels as features are 3 * size**2 floats an image (150,528 at 224 px: ImageNet's 50k val
+# images alone are 30 GB a copy, and the gather, the centring and the normalising each hold one).
+RAW_PIXELS_MAX_BYTES = 4 * 2 ** 30
+
+
+def raw_pixels_left_out(n_images: int, size: int) -> Optional[str]:
+    """Why the raw-pixel baseline is left out for `n_images` crops of `size` px, or None."""
+    n_bytes = n_images * 3 * size * size * 4
+    if n_bytes <= RAW_PIXELS_MAX_BYTES:
+        return None
+    return (f"{n_images} images x {3 * size * size} floats = {n_bytes / 2 ** 30:.1f} GiB of features, over "
+            f"{RAW_PIXELS_MAX_BYTES / 2 ** 30:.0f} GiB")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -324,13 +373,13 @@ def knn_command(path: str, teacher: bool = False, train_root: Optional[str] = No
     which = "teacher" if teacher else "student"
     backbone, cfg, ckpt = load_backbone(path, which, dev)
     tr_root, va_root = eval_roots(cfg, train_root, val_root)
-    tr_ds, va_ds = _dataset(cfg, tr_root, train_samples), _dataset(cfg, va_root)
+    tr_ds = _dataset(cfg, tr_root, train_samples)
+    va_ds = in_train_classes(_dataset(cfg, va_root), tr_ds)
     num_classes = len(tr_ds.classes)
     t0 = time.perf_counter()
-    tr = _CachedImages(eval_batches(cfg, tr_ds, dev, batch_size)) if compare_random else \
-        eval_batches(cfg, tr_ds, dev, batch_size)
-    va = _CachedImages(eval_batches(cfg, va_ds, dev, batch_size)) if compare_random else \
-        eval_batches(cfg, va_ds, dev, batch_size)
+    # three feature sets with compare_random: the crops decoded once when they fit in eval.cache_mb
+    keep = _kept_if_small if compare_random else eval_batches
+    tr, va = keep(cfg, tr_ds, dev, batch_size), keep(cfg, va_ds, dev, batch_size)
     res: Dict[str, Any] = {"checkpoint": str(ckpt), "weights": which, "backbone": cfg.model.backbone,
                            "k": k, "temperature": temperature, "train_root": tr_root,
                            "val_root": va_root, "train_samples": len(tr_ds), "val_samples": len(va_ds)}
@@ -338,7 +387,11 @@ def knn_command(path: str, teacher: bool = False, train_root: Optional[str] = No
     if compare_random:
         rnd = build_backbone(cfg, None, seed=cfg.train.seed).to(dev).to(memory_format=torch.channels_last)
         res["random_init"] = knn_eval(rnd, tr, va, num_classes, dev, k, temperature)
-        res["raw_pixels"] = raw_pixel_knn(tr, va, num_classes, cfg.data.weak.size, dev, k, temperature)
+        why = raw_pixels_left_out(len(tr_ds) + len(va_ds), cfg.data.weak.size)
+        if why is None:
+            res["raw_pixels"] = raw_pixel_knn(tr, va, num_classes, cfg.data.weak.size, dev, k, temperature)
+        else:
+            res["raw_pixels_left_out"] = why
     res["wall_s"] = round(time.perf_counter() - t0, 2)
     out_path = Path(out) if out else run_dir_of_checkpoint(ckpt) / "knn.json"
     log.write_json(out_path, res)
@@ -360,6 +413,8 @@ def _knn_line(res: dict, k: int, temperature: float) -> str:
         if key in res:
             r = res[key]["top1"]
             lines.append(f"  {name:<28} {r:6.2f}%   pretrained {p['top1'] - r:+.2f} points vs {what}")
+    if "raw_pixels_left_out" in res:
+        lines.append(f"  raw pixels left out: {res['raw_pixels_left_out']}")
     return "\n".join(lines)
 
 
@@ -370,8 +425,6 @@ class _MonitorData:
     key: Optional[str] = None
     train: Any = None  # this rank's block of the kNN train subset as eval batches; None: no images
     val: Any = None  # ... of the validation set
-    train_size: int = 0  # images in the whole subset / validation set (all ranks together)
-    val_size: int = 0
     num_classes: int = 0
     disabled_reason: Optional[str] = None
 
@@ -434,8 +487,7 @@ def _block_batches(cfg: Config, ds, env: Any):
     block = ds.block(env.rank, env.world_size)
     if not len(block):
         return None
-    batches = eval_batches(cfg, block, env.device, cfg.eval.batch_size)
-    return _CachedImages(batches) if _images_bytes(cfg, len(block)) <= cfg.eval.cache_mb * 2 ** 20 else batches
+    return _kept_if_small(cfg, block, env.device, cfg.eval.batch_size)
 
 
 def _monitor_data(cfg: Config, env: Any, loader: Any) -> Optional[_MonitorData]:
@@ -457,8 +509,14 @@ def _monitor_data(cfg: Config, env: Any, loader: Any) -> Optional[_MonitorData]:
         return None
     tr_ds = _subset(_train_files(cfg, tr_root, loader, env), e.knn_train_samples, cfg.data.seed)
     va_ds = _subset(_scanned_folder(cfg, va_root, env), e.knn_val_samples, cfg.data.seed)
+    try:
+        va_ds = in_train_classes(va_ds, tr_ds)
+    except ValueError as err:  # the same listing on every rank
+        _MONITOR.key, _MONITOR.disabled_reason = key, str(err)
+        if env.is_main:
+            log.info(f"kNN monitor off: {err}")
+        return None
     _MONITOR.num_classes = len(tr_ds.classes)
-    _MONITOR.train_size, _MONITOR.val_size = len(tr_ds), len(va_ds)
     _MONITOR.train, _MONITOR.val = _block_batches(cfg, tr_ds, env), _block_batches(cfg, va_ds, env)
     _MONITOR.key = key  # complete: later calls reuse it
     return _MONITOR
@@ -468,10 +526,14 @@ def _monitor_data(cfg: Config, env: Any, loader: Any) -> Optional[_MonitorData]:
 def gather_features(backbone: nn.Module, batches, env: Any) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
     """Features (N, D) float32 and labels (N,) int64 of all ranks' blocks, concatenated in rank order
     on every rank (with contiguous blocks: the order one process extracting everything gives), and the
-    images each rank extracted (world_size ints). `batches` is this rank's block (None: empty).
+    images each rank extracted (world_size ints). `batches` is this rank's block (None: empty): an
+    eval loader or cached batches, whose `images` says what a pass yields now (the block less the
+    files its passes have left out, reported as they were found).
 
     Collectives, the same on every rank: all_gather of the counts, then of the features and labels
-    padded to the largest block (all_gather needs equal shapes; blocks differ by one image at most)."""
+    padded to the largest block (all_gather needs equal shapes; blocks differ by one image at most,
+    plus what was left out). A rank that extracted other than its loader's `images` (a loader that
+    dropped or repeated images without saying so) raises on every rank."""
     from . import dist
 
     if batches is None:
@@ -479,9 +541,18 @@ def gather_features(backbone: nn.Module, batches, env: Any) -> Tuple[torch.Tenso
         y = torch.zeros(0, dtype=torch.int64, device=env.device)
     else:
         f, y = extract_features(backbone, batches, env.device)
+    expected = 0 if batches is None else int(batches.images)
     if not env.distributed:
-        return f, y, [f.shape[0]]
-    counts = dist.all_gather_cat(torch.tensor([f.shape[0]], device=env.device), env).tolist()
+        pairs = [[f.shape[0], expected]]
+    else:
+        pairs = dist.all_gather_cat(torch.tensor([[f.shape[0], expected]], device=env.device), env).tolist()
+    if any(c != e for c, e in pairs):  # the same on every rank
+        raise RuntimeError(f"eval feature extraction: the ranks extracted {[c for c, _ in pairs]} images where "
+                           f"their loaders hold {[e for _, e in pairs]} (a loader dropped or repeated "
+                           "images without reporting them)")
+    counts = [c for c, _ in pairs]
+    if not env.distributed:
+        return f, y, counts
     m = max(counts)
     f_all = dist.all_gather_cat(F.pad(f, (0, 0, 0, m - f.shape[0])), env)  # (world*m, D)
     y_all = dist.all_gather_cat(F.pad(y, (0, m - y.shape[0])), env)
@@ -517,10 +588,6 @@ def _monitor_features(backbone: nn.Module, data: _MonitorData, env: Any):
     with _rank0_buffers(backbone, env):
         tf, tl, tc = gather_features(backbone, data.train, env)
         vf, vl, vc = gather_features(backbone, data.val, env)
-    if (tf.shape[0], vf.shape[0]) != (data.train_size, data.val_size):  # the same on every rank
-        raise RuntimeError(f"kNN monitor: the ranks extracted {tc} train and {vc} val images, expected "
-                           f"{data.train_size} and {data.val_size} in all (an eval loader dropped or "
-                           "repeated images)")
     return tf, tl, vf, vl, [a + b for a, b in zip(tc, vc)]
 
 
@@ -568,8 +635,12 @@ def knn_monitor(cfg: Config, env: Any, state: Any, meter: Any, epoch: int, total
         res["random_init"], _ = _knn_pass(rnd, data, env, e.knn_k, e.knn_t)
         record["knn_top1_random_init"] = res["random_init"]["top1"]
         # raw pixels through the same blocks, gather and kNN (cost: one pass over the cached crops)
-        res["raw_pixels"], _ = _knn_pass(RawPixels(cfg.data.weak.size), data, env, e.knn_k, e.knn_t)
-        record["knn_top1_raw_pixels"] = res["raw_pixels"]["top1"]
+        why = raw_pixels_left_out(sum(per_rank), cfg.data.weak.size)  # the same on every rank
+        if why is None:
+            res["raw_pixels"], _ = _knn_pass(RawPixels(cfg.data.weak.size), data, env, e.knn_k, e.knn_t)
+            record["knn_top1_raw_pixels"] = res["raw_pixels"]["top1"]
+        else:
+            res["raw_pixels_left_out"] = why
     if not env.is_main:
         return
     record["knn_s"] = round(time.perf_counter() - t0, 3)
@@ -693,7 +764,8 @@ def linear_command(path: str, teacher: bool = False, train_root: Optional[str] =
     backbone, cfg, ckpt = load_backbone(path, which, dev)
     tr_root, va_root = eval_roots(cfg, train_root, val_root)
     t0 = time.perf_counter()
-    res = linear_probe(backbone, cfg, _dataset(cfg, tr_root), _dataset(cfg, va_root), dev, epochs, lr,
+    tr_ds = _dataset(cfg, tr_root)
+    res = linear_probe(backbone, cfg, tr_ds, in_train_classes(_dataset(cfg, va_root), tr_ds), dev, epochs, lr,
                        momentum, weight_decay, batch_size, augment, seed=cfg.train.seed,
                        log_every_epochs=max(1, epochs // 10))
     res.update({"checkpoint": str(ckpt), "weights": which, "backbone": cfg.model.backbone,

@@ -571,6 +571,11 @@ class DaliEvalLoader:
     def __len__(self) -> int:
         return -(-len(self._shard) // self.batch_size)
 
+    @property
+    def images(self) -> int:
+        """Images a pass yields now: this rank's shard less the files passes have left out."""
+        return len(self._shard)
+
     def _pipeline(self, start: int) -> DALIGenericIterator:
         """The pass from this shard's file `start` on (the rank's files, read as one shard)."""
         d = self.cfg.data

@@ -13,6 +13,7 @@ from conftest import make_jpeg_folder
 from fast_ressl import evaluate as E
 from fast_ressl.cli import main
 from fast_ressl.config import load_config, to_dict
+from fast_ressl.datasets import FileDataset
 from fast_ressl.model import build_student_teacher
 
 
@@ -150,6 +151,30 @@ def test_knn_and_linear_commands_on_a_tiny_folder(tmp_path):
     assert lin["top5"] == 100.0  # 3 classes
 
 
+def test_knn_baselines_within_memory_bounds(tmp_path, monkeypatch, capsys):
+    """`fast-ressl knn --compare-random` kept every decoded crop of both sets in memory whatever
+    eval.cache_mb (ImageNet at 224 px: ~385 GB in bf16), and the raw-pixel baseline holds 3*size**2
+    floats an image several times (50k val images at 224 px: 30 GB a copy; found in review). Now the
+    crops are kept only within eval.cache_mb (else decoded again per feature set: same figures), and
+    the raw-pixel baseline is left out above RAW_PIXELS_MAX_BYTES, saying why."""
+    cfg = _cfg(tmp_path)
+    _checkpoint(cfg, tmp_path)
+    args = ["knn", str(tmp_path / "run"), "--compare-random", "--k", "5", "--device", "cpu"]
+    assert main(args) == 0
+    kept = json.loads((tmp_path / "run" / "knn.json").read_text())
+    assert E._images_bytes(cfg, 10) == 10 * 3 * 32 * 32 * 4  # data.dtype=fp32 here: 4 bytes a value
+    monkeypatch.setattr(E, "_images_bytes", lambda cfg, n: 2 ** 60)  # nothing fits: decoded per pass
+    monkeypatch.setattr(E, "RAW_PIXELS_MAX_BYTES", 36 * 3 * 32 * 32 * 4 - 1)  # 24 + 12 crops: 1 byte over
+    capsys.readouterr()
+    assert main(args) == 0
+    again = json.loads((tmp_path / "run" / "knn.json").read_text())
+    for key in ("pretrained", "random_init"):
+        assert again[key] == kept[key], key
+    assert "raw_pixels" in kept and "raw_pixels" not in again
+    assert again["raw_pixels_left_out"].startswith("36 images x 3072 floats")
+    assert "raw pixels left out: 36 images" in capsys.readouterr().out
+
+
 def test_linear_probe_learns_separable_features(tmp_path):
     """Cached-feature probe on a backbone whose features separate the classes perfectly."""
     cfg = _cfg(tmp_path)
@@ -272,9 +297,66 @@ def test_raw_pixel_knn_is_knn_classify_on_flattened_centred_pixels(tmp_path):
 
     env = SimpleNamespace(device=dev, distributed=False, rank=0, world_size=1, is_main=True)
     data = E._MonitorData()
-    data.train, data.val, data.train_size, data.val_size, data.num_classes = tr, va, 24, 12, 3
+    data.train, data.val, data.num_classes = tr, va, 3
     got, per_rank = E._knn_pass(E.RawPixels(16), data, env, 7, 0.1)
     assert got == want and per_rank == [36]
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_monitor_goes_on_without_a_file_an_eval_pass_left_out(tmp_path, capsys, loader):
+    """A val file gone bad after the scan (on a GPU also one only PIL decodes) is reported and left out
+    by the eval loader, "an online kNN check must not end a training run"; but the monitor then
+    compared the images extracted with the sizes it had noted before the first pass and raised
+    RuntimeError, ending the run at its first check and every later one (found in review). Now each
+    rank's count is checked against what its loader still holds. Also: a block whose files were all
+    left out gives no features, not torch.cat's error on one rank while the others wait."""
+    from types import SimpleNamespace
+
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    cfg = _cfg(tmp_path, **{"data.loader": loader, "eval.cache_mb": 0})  # no cache: every check decodes
+    dev = torch.device("cpu")
+    env = SimpleNamespace(device=dev, distributed=False, rank=0, world_size=1, is_main=True)
+    E._MONITOR.key = None
+    data = E._monitor_data(cfg, env, loader=None)
+    victim = sorted((tmp_path / "data" / "val" / "class_1").iterdir())[0]
+    victim.write_bytes(b"garbage" * 50)
+    backbone = E.build_backbone(cfg, seed=0)
+    capsys.readouterr()
+    for _ in range(2):  # the check after, too
+        acc, per_rank = E._knn_pass(backbone, data, env, 5, 0.1)
+        assert per_rank == [24 + 11] and 0.0 <= acc["top1"] <= 100.0
+    assert capsys.readouterr().err.count(str(victim)) == 1  # reported once
+    E._MONITOR.key = None
+
+    one = FileDataset([str(victim)], [1], ["class_0", "class_1", "class_2"])
+    f, y = E.extract_features(backbone, E.eval_batches(cfg, one, dev), dev)
+    assert f.shape == (0, E.feature_dim(backbone)) and y.shape == (0,)
+
+
+def test_val_labels_follow_the_training_classes_by_name(tmp_path):
+    """Each root's labels index its own sorted class folders: a val root without class_0 gave its
+    class_1 images label 0 and so on, and kNN scored against the wrong classes without a word (raw-
+    pixel kNN on copies of the train images: 0%). Val labels now index the training classes by
+    name (100%), and a val class the training set lacks is an error naming it."""
+    import shutil
+
+    cfg = _cfg(tmp_path, **{"data.weak.size": 16, "data.eval_resize": 16})
+    train = tmp_path / "data" / "train"
+    val = tmp_path / "val_copies"
+    for cls in ("class_1", "class_2"):
+        shutil.copytree(train / cls, val / cls)
+    dev = torch.device("cpu")
+    tr_ds, va_ds = E._dataset(cfg, str(train)), E._dataset(cfg, str(val))
+    assert va_ds.classes == ["class_1", "class_2"] and set(va_ds.labels) == {0, 1}
+    mapped = E.in_train_classes(va_ds, tr_ds)
+    assert mapped.classes == tr_ds.classes and set(mapped.labels) == {1, 2} and mapped.files == va_ds.files
+    tr = E._CachedImages(E.eval_batches(cfg, tr_ds, dev, 8))
+    assert E.raw_pixel_knn(tr, E.eval_batches(cfg, mapped, dev, 8), 3, 16, dev, k=1)["top1"] == 100.0
+    assert E.raw_pixel_knn(tr, E.eval_batches(cfg, va_ds, dev, 8), 3, 16, dev, k=1)["top1"] == 0.0  # unmapped
+    shutil.copytree(train / "class_0", val / "class_9")
+    with pytest.raises(ValueError, match=r"1 class folder\(s\) the training set lacks \(class_9\)"):
+        E.in_train_classes(E._dataset(cfg, str(val)), tr_ds)
 
 
 def test_raw_pixels_centring_removes_the_shared_image():
