@@ -1,7 +1,9 @@
 """Checkpoints: atomic writes and safe loading (no code ever runs from a checkpoint file)."""
 from __future__ import annotations
 
+import errno
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -182,7 +184,17 @@ class RunLock:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                # ENOLCK/EOPNOTSUPP/ENOSYS: a filesystem without flock (Lustre mounted noflock, NFS
+                # without its lock daemon) is not a busy run directory; it was reported as one,
+                # naming the last run's pid, and no run could start there (found in review)
+                os.close(self.fd)
+                self.fd = -1
+                print(f"fast-ressl: warning: cannot lock {self.path} ({err.strerror}): this filesystem does "
+                      "not support flock; running without the lock, so nothing stops a second run from "
+                      "writing the same run directory", file=sys.stderr)
+                return
             holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
             raise RunDirBusy(f"{run_dir} is in use by another fast-ressl process ({holder}); wait for it "

@@ -42,7 +42,8 @@ from .datasets import (DataError, FileDataset, check_image, dataset_identity, ep
 
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
-    """DataLoader worker_init_fn: ignore SIGTERM and SIGINT.
+    """DataLoader worker_init_fn: ignore the stop signals (dist.STOP_SIGNALS: SIGTERM, SIGINT,
+    SIGHUP, SIGUSR1).
 
     Stop signals often reach the whole process group: torchrun sends SIGTERM to each worker's group
     on preemption (os.killpg), a batch scheduler signals every process of the job, Ctrl-C goes to the
@@ -51,8 +52,10 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     checkpoint's config hash): a traceback and no checkpoint instead of exit 143 at a step boundary.
     The trainer stops the workers itself (stop_workers); they also exit on their own within 5 s
     (torch's MP_STATUS_CHECK_INTERVAL) of their parent's death."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from .dist import STOP_SIGNALS
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 _LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()  # DataLoader iterators with live workers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -34,6 +35,14 @@ class Env:
     def distributed(self) -> bool:
         """More than one rank, or one rank in a process group (ONE_RANK_GROUP_ENV)."""
         return self.world_size > 1 or self.ctrl_group is not None
+
+
+# The signals that stop a run at the next step boundary with a checkpoint (train._SignalFlag) and
+# that the torch loader's workers leave to the trainer: SIGTERM (docker stop, torchrun on
+# preemption, schedulers), SIGINT (Ctrl-C), SIGHUP (a closed terminal; torchrun forwards it) and
+# SIGUSR1 (Slurm's usual requeue warning, --signal=USR1@T; torchrun forwards it when named in
+# --signals-to-handle). SIGHUP and SIGUSR1 used to end a run with no checkpoint (found in review).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 
 def world_size_from_env() -> int:

@@ -36,7 +36,8 @@ class ConfigMismatch(RuntimeError):
 
 
 class Preempted(Exception):
-    """SIGTERM/SIGINT: a checkpoint was written at the step boundary; exit with 128 + signum."""
+    """A stop signal (dist.STOP_SIGNALS): a checkpoint was written at the step boundary; exit with
+    128 + signum."""
 
     def __init__(self, signum: int):
         super().__init__(f"stopped by signal {signum}")
@@ -374,15 +375,17 @@ def _info(env: Env, msg: str) -> None:
 
 
 class _SignalFlag:
-    """SIGTERM/SIGINT set a flag; the loop stops at the next step boundary on every rank."""
+    """A stop signal (dist.STOP_SIGNALS) sets a flag; the loop stops at the next step boundary on
+    every rank. SIGHUP stays ignored where the launcher ignores it: that is what nohup is for."""
 
     def __init__(self) -> None:
         self.signum = 0
         self._old: dict = {}
 
     def __enter__(self) -> "_SignalFlag":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
+        for sig in dist.STOP_SIGNALS:
+            if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN:
+                self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -396,7 +399,7 @@ class _SignalFlag:
 def train(cfg: Config, allow_config_change: bool = False, live: Optional[bool] = None) -> dict:
     """Run (or resume) pretraining; returns the summary written to summary.json.
 
-    Raises Preempted after writing a checkpoint when SIGTERM/SIGINT arrived."""
+    Raises Preempted after writing a checkpoint when a stop signal (dist.STOP_SIGNALS) arrived."""
     auto = cfg.train.precision == "auto"
     env = build_env(cfg)  # resolves train.precision=auto
     try:
@@ -529,7 +532,7 @@ class Loop:
         self.data = iter(s.loader)
 
     def run(self, end_step: int) -> None:
-        """Steps s.step+1 .. end_step (returns early, with a checkpoint, on SIGTERM/SIGINT)."""
+        """Steps s.step+1 .. end_step (returns early, with a checkpoint, on a stop signal)."""
         cfg, env, s, meter, guard, t_cfg = self.cfg, self.env, self.s, self.meter, self.guard, self.cfg.train
         first = s.step
         for step in range(s.step, end_step):

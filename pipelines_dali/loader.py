@@ -112,12 +112,19 @@ def _dali_error(files: List[str], data, device_id: Optional[int]) -> Optional[st
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where pipelines_dali is
     env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
     try:
+        # a session of its own: torchrun stops its workers with a signal to their process group,
+        # and Ctrl-C signals the terminal's; a child killed by those read as a decoder crash on the
+        # files (found in review). The trainer stops at its next step boundary instead.
         q = subprocess.run([sys.executable, "-m", "pipelines_dali.decode_check"], input=json.dumps(req), env=env,
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=600, start_new_session=True)
     except subprocess.TimeoutExpired:  # a hung decoder is an answer too (run() has killed the child)
         return "DALI's decoder did not finish in 600 s"
     if q.returncode == 0:
         return None
+    if -q.returncode in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGKILL):
+        # stopped from outside (SIGKILL: the kernel's OOM killer too), not a decoder crash
+        raise DecodeCheckUnavailable(f"the child asking DALI's decoder was stopped by "
+                                     f"{signal.Signals(-q.returncode).name}: no answer about the files")
     if q.returncode == UNAVAILABLE:  # not an answer about the files
         raise DecodeCheckUnavailable(f"DALI's decoder could not be set up in a child process to check which "
                                      f"files it cannot decode: {_ANSI.sub('', q.stderr).strip()[-500:]}")

@@ -499,3 +499,32 @@ def test_without_a_compiler_the_loss_runs_eagerly_and_model_compile_is_refused(t
     assert ("config error: model.compile=true: torch.compile on cpu needs a C++ compiler" in refused.stderr
             and "model.compile=false" in refused.stderr), refused.stderr
     assert not (tmp_path / "b" / "checkpoints").exists()  # refused before the run dir was set up
+
+
+def test_a_filesystem_without_flock_is_not_a_busy_run_dir(tmp_path, monkeypatch, capsys):
+    """flock failing with ENOLCK (Lustre mounted noflock, NFS without its lock daemon) was reported
+    as "in use by another fast-ressl process", naming the last run's pid, and no run could start
+    there (found in review). Now the run goes on without the lock and says so; a real holder still
+    makes the directory busy. (The filesystem is not at hand here: flock's error is raised for it.)"""
+    import errno
+    import fcntl
+
+    from fast_ressl.checkpoint import RunDirBusy, RunLock
+
+    run = tmp_path / "run"
+    (run).mkdir()
+    (run / ".lock").write_text("pid 1 on elsewhere\n")
+    real = fcntl.flock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lock = RunLock(run)
+    assert lock.fd == -1 and "does not support flock" in capsys.readouterr().err
+    lock.release()
+    monkeypatch.setattr(fcntl, "flock", real)
+    held = RunLock(run)
+    with pytest.raises(RunDirBusy, match="in use by another fast-ressl process"):
+        RunLock(run)
+    held.release()

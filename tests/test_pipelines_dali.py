@@ -6,6 +6,8 @@ import io
 import math
 import os
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -392,6 +394,50 @@ def test_a_decode_check_that_cannot_run_blames_no_file(jpeg_folder):
     Image.open(files[0]).convert("1").save(tif, format="TIFF")
     found = loader.undecodable(files + [str(tif)], data, device_id=None)
     assert list(found) == [str(tif)] and found[str(tif)].startswith("DALI cannot decode it")
+
+
+def test_a_decode_check_stopped_from_outside_blames_no_file(jpeg_folder):
+    """The decode check's child runs in a session of its own (torchrun stops its workers by a signal
+    to their process group, Ctrl-C signals the terminal's: the child used to get it too), and a child
+    stopped by SIGTERM/SIGINT/SIGHUP/SIGKILL is no answer: it used to read as "DALI's decoder
+    crashed", blaming good files (found in review). Here the child is sent SIGTERM mid-check."""
+    import signal
+    import threading
+    import time
+
+    from pipelines_dali import loader
+
+    data = _cfg(jpeg_folder).data
+    files = sorted(str(f) for f in jpeg_folder.rglob("*.JPEG"))
+    for _ in range(5):  # the child lives ~0.5 s (Python, DALI's import, 48 small JPEGs): rarely missed
+        result = {}
+
+        def ask():
+            try:
+                result["answer"] = loader._dali_error(files, data, None)
+            except loader.DecodeCheckUnavailable as err:
+                result["error"] = str(err)
+
+        t = threading.Thread(target=ask)
+        t.start()
+        child, deadline = None, time.time() + 10
+        while child is None and t.is_alive() and time.time() < deadline:
+            for d in Path("/proc").iterdir():
+                try:
+                    if d.name.isdigit() and b"pipelines_dali.decode_check" in (d / "cmdline").read_bytes() \
+                            and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                        child = int(d.name)
+                except (OSError, ValueError, IndexError):
+                    continue
+            time.sleep(0.005)
+        if child is not None:
+            assert os.getsid(child) == child and os.getsid(child) != os.getsid(0)
+            os.kill(child, signal.SIGTERM)
+        t.join(60)
+        if child is not None and "error" in result:
+            assert "stopped by SIGTERM" in result["error"]
+            return
+    pytest.fail(f"no decode-check child was caught in 5 tries: {result}")
 
 
 def test_parse_ascii_labels():

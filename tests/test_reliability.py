@@ -143,12 +143,15 @@ def test_kill9_then_same_command_is_bitwise_exact(folder, baselines, tmp_path, l
     _assert_same_state(safe_load(uninterrupted / "checkpoints/last.pt"), safe_load(run / "checkpoints/last.pt"))
 
 
-@pytest.mark.parametrize("loader,to", [("dali", "process"), ("torch", "group")])
-def test_sigterm_checkpoints_exits_143_and_resumes_at_next_step(folder, baselines, tmp_path, loader, to):
+@pytest.mark.parametrize("loader,to,sig", [("dali", "process", signal.SIGTERM), ("torch", "group", signal.SIGTERM),
+                                            ("torch", "group", signal.SIGUSR1)])
+def test_sigterm_checkpoints_exits_143_and_resumes_at_next_step(folder, baselines, tmp_path, loader, to, sig):
     """SIGTERM to the trainer alone (tini, `docker stop`), or to its whole process group (torchrun's
     os.killpg on preemption, a batch scheduler), which reaches the torch loader's DataLoader workers
     too: they used to die of it and torch raised "DataLoader worker (pid N) is killed by signal:
-    Terminated" in the trainer (exit 1, no checkpoint); now they leave the signal to the trainer."""
+    Terminated" in the trainer (exit 1, no checkpoint); now they leave the signal to the trainer.
+    SIGUSR1 (Slurm's usual requeue warning) alike, exit 138: it used to end the run with no
+    checkpoint (found in review)."""
     run = tmp_path / "t"
     cmd = _cmd(*_folder_overrides(folder), *LOADERS[loader], f"run.dir={run}", "train.ckpt_every=100")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -156,11 +159,11 @@ def test_sigterm_checkpoints_exits_143_and_resumes_at_next_step(folder, baseline
     _wait_for_step(run, proc, 3)
     t0 = time.time()
     if to == "group":
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, sig)
     else:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr[-3000:]
+    assert proc.returncode == 128 + sig, stderr[-3000:]
     stopped = safe_load(run / "checkpoints/last.pt")["step"]
     assert 3 <= stopped < 12 and f"stopped at step {stopped}" in stdout
     assert json.loads((run / "summary.json").read_text())["status"] == "preempted"
@@ -299,3 +302,25 @@ def test_secrets_never_reach_files_or_logs(tmp_path):
             text += path.read_bytes().decode("latin-1")
     assert "hunter2pass" not in text and token not in text
     assert "https://bob:***@data.invalid/***/train" in (run / "config.yaml").read_text()
+
+
+def test_stop_signals_set_the_flag_and_nohup_keeps_sighup_ignored():
+    """Every stop signal (dist.STOP_SIGNALS) sets the trainer's flag while it runs and gets its old
+    disposition back after; a SIGHUP ignored by the launcher (nohup) stays ignored."""
+    from fast_ressl import dist
+    from fast_ressl.train import _SignalFlag
+
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with _SignalFlag() as flag:
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert flag.signum == signal.SIGUSR1
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with _SignalFlag() as flag:
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert flag.signum == signal.SIGHUP
+        assert set(dist.STOP_SIGNALS) == {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
+    finally:
+        signal.signal(signal.SIGHUP, old)
