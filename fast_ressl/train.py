@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dist, log
-from .checkpoint import CheckpointDir, RunDirBusy, RunLock
+from .checkpoint import CheckpointDir, CheckpointError, RunDirBusy, RunLock, check_complete, safe_load
 from .compiling import CUDAGRAPH_MODES, CudagraphSkips, compile_network, toolchain_problem_here, wants_cudagraphs
 from .config import RUN_CONTROL_KEYS, Config, ConfigError, config_hash, to_dict, to_yaml
 from .data import build_loader
@@ -333,7 +333,7 @@ def maybe_resume(state: State, cfg: Config, env: Env, ckpts: CheckpointDir,
     resumed run is never silently a different experiment."""
     # On the CPU: load_state_dict copies each tensor to where the module/optimizer/queue lives, and
     # nothing that must stay on the host (RNG states, loader state) lands on a GPU.
-    sd, path = ckpts.load_newest_valid(map_location="cpu")
+    sd, path = agree_on_checkpoint(ckpts, *ckpts.load_newest_valid(map_location="cpu"), env)
     if sd is None:
         return None
     reshard = sd["world_size"] != env.world_size
@@ -367,6 +367,43 @@ def maybe_resume(state: State, cfg: Config, env: Env, ckpts: CheckpointDir,
               "from the start of the current epoch")
     state.load_state_dict(sd, env, reshard=reshard)
     return path
+
+
+def agree_on_checkpoint(ckpts: CheckpointDir, sd: Optional[dict], path: Optional[Path],
+                        env: Env) -> Tuple[Optional[dict], Optional[Path]]:
+    """Every rank resumes from the checkpoint rank 0 found (`sd`, `path`: what this rank found).
+
+    Each rank looks for the newest valid checkpoint on its own, and on a shared filesystem they can
+    see different ones: a node whose NFS client still resolves last.pt to the file before (attribute
+    caching, up to a minute) when torchrun restarts right after a checkpoint, a read error on one
+    rank. Ranks on different steps run different schedules and misalign their collectives (found in
+    review). Here the steps are compared; a rank that differs loads rank 0's step by its numbered
+    file, and if any rank cannot, every rank raises, naming what each found."""
+    if not env.distributed:
+        return sd, path
+    mine = None if sd is None else int(sd["step"])
+    found = dist.gather_objects(mine, env)
+    want = found[0]
+    if all(f == want for f in found):
+        return sd, path
+    err = ""
+    if want is None:
+        err = "rank 0 found no checkpoint"
+    elif mine != want:
+        path = ckpts.root / f"step_{want:08d}.pt"
+        try:
+            sd = safe_load(path, map_location="cpu")
+            check_complete(sd, path)
+        except CheckpointError as e:
+            err = f"rank {env.rank} cannot load rank 0's {path.name}: {e}"
+    errs = [e for e in dist.gather_objects(err, env) if e]
+    steps = ", ".join(f"rank {r}: {'none' if f is None else f'step {f}'}" for r, f in enumerate(found))
+    if errs:
+        raise CheckpointError(f"the ranks found different newest checkpoints in {ckpts.root} ({steps}) and cannot "
+                              f"all resume from rank 0's: {'; '.join(errs)}. Is the run directory on a "
+                              "filesystem every node sees, and in sync?")
+    _info(env, f"the ranks found different newest checkpoints ({steps}); all resume from rank 0's, step {want}")
+    return sd, path
 
 
 def _info(env: Env, msg: str) -> None:

@@ -324,3 +324,56 @@ def test_stop_signals_set_the_flag_and_nohup_keeps_sighup_ignored():
         assert set(dist.STOP_SIGNALS) == {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
     finally:
         signal.signal(signal.SIGHUP, old)
+
+
+def _agree_on_rank(rank: int, port: int, root: str, out_dir: str) -> None:
+    """One of 2 gloo ranks: agree_on_checkpoint over what each rank 'found', in three cases."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    from fast_ressl import dist
+    from fast_ressl.checkpoint import CheckpointDir, CheckpointError
+    from fast_ressl.train import agree_on_checkpoint
+
+    env = dist.init("cpu", timeout_s=120)
+    ckpts = CheckpointDir(Path(root))
+    sd4, sd2 = safe_load(ckpts.root / "step_00000004.pt"), safe_load(ckpts.root / "step_00000002.pt")
+    results = []
+    try:
+        # rank 1 saw the older checkpoint (a stale last.pt on its node): it takes rank 0's step 4
+        sd, path = agree_on_checkpoint(ckpts, *((sd4, ckpts.last) if rank == 0 else (sd2, ckpts.root / "x")), env)
+        results.append((int(sd["step"]), path.name))
+        for found in ((None, None) if rank == 0 else (sd4, ckpts.last),  # rank 0 saw none
+                      ({**sd4, "step": 6}, ckpts.last) if rank == 0 else (sd4, ckpts.last)):  # no step_6 file
+            try:
+                agree_on_checkpoint(ckpts, *found, env)
+                results.append("resumed")
+            except CheckpointError as e:
+                results.append(str(e))
+    finally:
+        dist.shutdown()
+    torch.save(results, os.path.join(out_dir, f"agree{rank}.pt"))
+
+
+def test_ranks_resume_from_the_checkpoint_rank_0_found(tmp_path):
+    """Each rank looks for the newest valid checkpoint itself; on a shared filesystem one node can
+    still see last.pt as the file before (NFS attribute caching) or fail to read it, and ranks on
+    different steps run different schedules with misaligned collectives (found in review). Now a
+    rank that found another step loads rank 0's by its numbered file; if any rank cannot, every
+    rank raises, naming what each found. (2 gloo ranks; what each rank found is given to it.)"""
+    import socket
+
+    from fast_ressl.checkpoint import CheckpointDir, REQUIRED_KEYS
+
+    ckpts = CheckpointDir(tmp_path / "ckpt")
+    ckpts.root.mkdir()
+    for step in (2, 4):
+        ckpts.save({**{k: 0 for k in REQUIRED_KEYS}, "step": step}, step)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_agree_on_rank, args=(port, str(ckpts.root), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"agree{r}.pt") for r in range(2))
+    assert r0[0] == (4, "last.pt") and r1[0] == (4, "step_00000004.pt")
+    for res in (r0, r1):
+        assert "rank 0: none, rank 1: step 4" in res[1] and "rank 0 found no checkpoint" in res[1]
+        assert "rank 0: step 6, rank 1: step 4" in res[2] and "cannot load rank 0's step_00000006.pt" in res[2]
