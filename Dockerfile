@@ -82,11 +82,15 @@ COPY --chown=ressl:ressl configs ./configs
 # (fast_ressl/datasets.py writes it under XDG_CACHE_HOME) and the torch.compile/triton kernels.
 # Mount a host folder there (-v "$PWD/cache:/cache") so that the next container skips the scan and
 # reuses the compiled kernels.
+# TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: torchrun's c10d rendezvous (several nodes) gives every
+# restart round a store of its own; with one store for all rounds, nodes that count their restarts
+# differently failed to connect on the first restart (fast_ressl/dist.py, tests/test_faults.py).
 ENV XDG_CACHE_HOME=/cache \
     TRITON_CACHE_DIR=/cache/triton \
     TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
     TINI_SUBREAPER=1 \
-    TORCH_ELASTIC_SHUTDOWN_TIMEOUT=110
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT=110 \
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
 # Numeric (hadolint DL3066): resolvable even when the host has no such user name.
 USER ${UID}:${GID}

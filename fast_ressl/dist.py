@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -84,10 +85,27 @@ def _attempt_store(timeout: datetime.timedelta) -> dist.Store:
     peers' gloo addresses from the previous attempt's keys and failed with "Gloo connectFullMesh
     failed ... Connection refused" at once, or waited in init_process_group (reproduced on CPU with
     gloo, kill -9 of one of 2 workers). With TORCHELASTIC_RESTART_COUNT in the prefix each attempt
-    meets only its own keys; every group made later (the gloo control group) inherits the prefix."""
+    meets only its own keys; every group made later (the gloo control group) inherits the prefix.
+
+    That count is each launcher's own, though: on several nodes a launcher whose worker did not fail
+    restarts without counting (torch's elastic agent: "membership changes do not count as
+    retries"), so the nodes' prefixes differ and the restart fails the same way (found in review,
+    reproduced with two launchers on one host). With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every
+    launcher (c10d rendezvous) each round gets a store of its own (TORCHELASTIC_USE_AGENT_STORE is
+    then False): nothing stale to step around, so no prefix; that is what the README's multi-node
+    command and the Docker image set."""
     from torch.distributed.rendezvous import rendezvous
 
     store, _, _ = next(rendezvous("env://", timeout=timeout))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # a store of this round's own, or no torchrun
+        return store
+    nodes_launch = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) < \
+        int(os.environ.get("WORLD_SIZE", "1"))
+    if nodes_launch and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and \
+            os.environ.get("RANK") == "0":
+        print("fast-ressl: warning: torchrun on several nodes with --max-restarts and one rendezvous store "
+              "for every round: a restart can fail to connect (each node counts its restarts itself); set "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for every node's torchrun", file=sys.stderr)
     return dist.PrefixStore(f"fast_ressl/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 

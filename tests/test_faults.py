@@ -360,6 +360,48 @@ def test_torchrun_restart_resumes_from_the_newest_checkpoint(tmp_path):
     print(f"kill -9 to completion: {time.time() - t0:.1f} s")
 
 
+def test_torchrun_restart_on_two_nodes_connects_at_once(tmp_path):
+    """Two torchrun launchers (--nnodes=2, c10d rendezvous on one host), node A's worker hung and
+    node B's killed. Each launcher counts its restarts itself, and one whose worker did not fail
+    restarts without counting, so a key prefix of the restart count differed between the nodes and
+    the restarted workers could not meet (found in review). With
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the README's multi-node command, the Docker image) each
+    round has a store of its own and fast_ressl adds no prefix: the first restart connects and the
+    run completes."""
+    import socket
+
+    run = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+           "--rdzv_id=two_nodes", f"--rdzv_endpoint=127.0.0.1:{port}", "--max_restarts=1", "-m", "fast_ressl",
+           "train", str(RECIPE), *TINY, *SYNTH, "train.epochs=40", "train.ckpt_every=5", "train.dist_timeout_s=120",
+           f"run.dir={run}"]
+    env = {**_env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    logs = [open(tmp_path / f"node{n}.log", "w") for n in "ab"]
+    nodes = [subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True, env=env) for f in logs]
+    try:
+        _wait_for_metrics(run, nodes[0], 12)
+        (a,), (b,) = _children(nodes[0].pid), _children(nodes[1].pid)
+        # node A's worker does not fail but hangs (SIGSTOP; on GPUs: a wait in NCCL), so node A
+        # restarts it without counting a retry while node B counts one: the counts differ
+        os.kill(a, signal.SIGSTOP)
+        os.kill(b, signal.SIGKILL)
+        rcs = [p.wait(timeout=400) for p in nodes]
+    finally:
+        for p in nodes:
+            p.kill()
+            p.wait()
+        for f in logs:
+            f.close()
+    text = [(tmp_path / f"node{n}.log").read_text() for n in "ab"]
+    assert rcs == [0, 0], text[0][-3000:] + text[1][-3000:]
+    assert "resumed from" in text[0] and "done (completed): step 160/160" in text[0]
+    assert not any("Connection refused" in t or "connectFullMesh" in t for t in text), text[0][-3000:]
+    assert set(_metrics_steps(run)) == set(range(1, 161))
+
+
 # ----------------------------------------------------------------------------- 1. bad file mid-run
 def _torchrun(nproc, *over):
     import socket
