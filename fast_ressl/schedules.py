@@ -5,12 +5,15 @@ import math
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
-    """Linear warm-up per iteration from base_lr/warmup_steps to base_lr, then half-cosine to min_lr.
+    """Linear warm-up per iteration from 0 at the first step (step 0) towards base_lr, then
+    half-cosine from base_lr to min_lr, as the official code (lr * T / warmup_iters, T counting
+    iterations from 0; shared/method/ressl.md). It started at base_lr/warmup_steps, one step
+    ahead (found in review).
 
     base_lr is already scaled to the global batch (lr_per_256 * batch / 256).
     """
     if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
+        return base_lr * step / warmup_steps
     decay_steps = max(1, total_steps - warmup_steps)
     t = min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * t))

@@ -513,7 +513,7 @@ def test_messy_folder_trains_to_the_end_and_reports_exactly_the_bad_files(messy_
 def test_multicrop_recipe_gives_five_student_views(jpeg_folder):
     from pathlib import Path
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "multicrop.yaml",
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "imagenet_resnet50_5crop.yaml",
                       tiny_overrides(jpeg_folder)[:1] + [f"data.root={jpeg_folder}", "train.batch_size=8",
                                                          "method.queue_size=64", "data.num_threads=2"])
     assert [v.size for v in cfg.data.strong] == [224, 192, 160, 128, 96]

@@ -7,8 +7,9 @@ from fast_ressl.schedules import lr_at, momentum_at, relation_weight_at
 
 def test_lr_warmup_then_cosine():
     base, warm, total = 0.4, 10, 110
-    assert lr_at(0, base, warm, total) == pytest.approx(base / warm)
-    assert lr_at(9, base, warm, total) == pytest.approx(base)
+    assert lr_at(0, base, warm, total) == 0.0  # the official code's lr * T / warmup_iters at T = 0
+    assert lr_at(1, base, warm, total) == pytest.approx(base / warm)
+    assert lr_at(9, base, warm, total) == pytest.approx(base * 9 / warm)
     assert lr_at(10, base, warm, total) == pytest.approx(base)
     assert lr_at(60, base, warm, total) == pytest.approx(base / 2)
     assert lr_at(110, base, warm, total) == pytest.approx(0.0, abs=1e-12)
