@@ -383,6 +383,11 @@ class _MemoryProbe:
         if self.cuda:
             gc.collect()  # the previous measurement's loader and pipelines, before DALI frees its pool
             _release_dali_pools()
+            # torch's cached blocks of earlier variants back to the driver: the reserved peak (reset
+            # after warm-up) would otherwise include memory cached for them (found in review)
+            import torch
+
+            torch.cuda.empty_cache()
             self.outside0, self.rss0 = self._outside_torch_mb(), _rss_mb()
 
     def _outside_torch_mb(self) -> float:
