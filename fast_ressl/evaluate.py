@@ -500,22 +500,21 @@ def _monitor_data(cfg: Config, env: Any, loader: Any) -> Optional[_MonitorData]:
     if _MONITOR.key == key:
         return None if _MONITOR.disabled_reason else _MONITOR
     _MONITOR.key, _MONITOR.disabled_reason = None, None
-    try:
-        tr_root, va_root = eval_roots(cfg)
-    except ValueError as err:  # decided by cfg alone: the same on every rank
+    def off(err: ValueError) -> None:  # for the run: the same reason on every rank
         _MONITOR.key, _MONITOR.disabled_reason = key, str(err)
         if env.is_main:
             log.info(f"kNN monitor off: {err}")
-        return None
+
+    try:
+        tr_root, va_root = eval_roots(cfg)
+    except ValueError as err:  # decided by cfg alone
+        return off(err)
     tr_ds = _subset(_train_files(cfg, tr_root, loader, env), e.knn_train_samples, cfg.data.seed)
     va_ds = _subset(_scanned_folder(cfg, va_root, env), e.knn_val_samples, cfg.data.seed)
     try:
         va_ds = in_train_classes(va_ds, tr_ds)
-    except ValueError as err:  # the same listing on every rank
-        _MONITOR.key, _MONITOR.disabled_reason = key, str(err)
-        if env.is_main:
-            log.info(f"kNN monitor off: {err}")
-        return None
+    except ValueError as err:  # decided by the listings, the same on every rank
+        return off(err)
     _MONITOR.num_classes = len(tr_ds.classes)
     _MONITOR.train, _MONITOR.val = _block_batches(cfg, tr_ds, env), _block_batches(cfg, va_ds, env)
     _MONITOR.key = key  # complete: later calls reuse it
@@ -536,11 +535,7 @@ def gather_features(backbone: nn.Module, batches, env: Any) -> Tuple[torch.Tenso
     dropped or repeated images without saying so) raises on every rank."""
     from . import dist
 
-    if batches is None:
-        f = torch.zeros(0, feature_dim(backbone), device=env.device)
-        y = torch.zeros(0, dtype=torch.int64, device=env.device)
-    else:
-        f, y = extract_features(backbone, batches, env.device)
+    f, y = extract_features(backbone, [] if batches is None else batches, env.device)  # (0, D) if none
     expected = 0 if batches is None else int(batches.images)
     if not env.distributed:
         pairs = [[f.shape[0], expected]]

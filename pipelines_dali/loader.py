@@ -84,6 +84,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from fast_ressl.data import Batch, EndlessLoader, torch_dtype
 from fast_ressl.datasets import (DataError, FileDataset, check_image, dataset_identity, epoch_block,
                                  prepare_dataset, report_left_out)
+from fast_ressl.dist import STOP_SIGNALS
 
 from .decode_check import UNAVAILABLE
 from .pipeline import DEBUG_KEYS, eval_pipeline, train_pipeline
@@ -121,7 +122,7 @@ def _dali_error(files: List[str], data, device_id: Optional[int]) -> Optional[st
         return "DALI's decoder did not finish in 600 s"
     if q.returncode == 0:
         return None
-    if -q.returncode in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGKILL):
+    if -q.returncode in (*STOP_SIGNALS, signal.SIGKILL):
         # stopped from outside (SIGKILL: the kernel's OOM killer too), not a decoder crash
         raise DecodeCheckUnavailable(f"the child asking DALI's decoder was stopped by "
                                      f"{signal.Signals(-q.returncode).name}: no answer about the files")
@@ -175,7 +176,7 @@ def _check_control(data, device_id: Optional[int]) -> None:
     fails for a reason of its own (no CUDA context for a second process on a GPU in EXCLUSIVE_PROCESS
     mode, out of GPU memory right after the batch itself failed from it) reads as a file DALI cannot
     decode, down to every single file: found in review, shown on this GPU-less machine by asking
-    for device 0, where all 4 good JPEGs of a window were marked undecodable (6 children)."""
+    for device 999, where all 4 good JPEGs of a window were marked undecodable."""
     import tempfile
 
     from PIL import Image
