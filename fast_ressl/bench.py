@@ -725,17 +725,14 @@ def run_bench(config: Optional[str], overrides: List[str], s: BenchSettings,
 
                 traceback.print_exc()
                 res = {"error": f"{type(err).__name__}: {err}"[:1000]}
-                run["results"][mode] = res
                 _say(console, f"  {v.name} {mode}: FAILED ({res['error'][:200]})")
-                so_far = report["runs"] + [run]
-                _write_report({**report, "runs": so_far, "ratios": _ratios(so_far), "complete": False}, s.out)
-                continue
-            if run["config"] is None or mode != "step":
-                # after the run: build_env resolved what depends on the device (train.precision=auto)
-                run["config"] = to_dict(cfg)  # the resolved config (of the loader modes if any)
+            else:
+                if run["config"] is None or mode != "step":
+                    # after the run: build_env resolved what depends on the device (train.precision=auto)
+                    run["config"] = to_dict(cfg)  # the resolved config (of the loader modes if any)
+                _say(console, f"  {v.name} {mode}: {res['median']:.1f} {res['unit']} "
+                              f"(spread {res['spread_pct']:.0f}%)")
             run["results"][mode] = res
-            _say(console, f"  {v.name} {mode}: {res['median']:.1f} {res['unit']} "
-                          f"(spread {res['spread_pct']:.0f}%)")
             # what is measured so far, on disk: a bench killed at a time limit (a lent GPU's
             # minutes) still leaves every finished measurement
             so_far = report["runs"] + [run]

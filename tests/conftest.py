@@ -130,14 +130,20 @@ def messy_folder(tmp_path):
     return root, odd, bad
 
 
-def torchrun(nproc: int, *args: str) -> List[str]:
-    """`torchrun --nproc_per_node=nproc -m fast_ressl ARGS` with its rendezvous on a free loopback port."""
+def free_port() -> int:
+    """A free TCP port on loopback (a rendezvous)."""
     import socket
-    import sys
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *args: str) -> List[str]:
+    """`torchrun --nproc_per_node=nproc -m fast_ressl ARGS` with its rendezvous on a free loopback port."""
+    import sys
+
+    port = free_port()
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
             "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "fast_ressl", *args]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import add_bad_files, make_jpeg_folder
+from conftest import add_bad_files, free_port, make_jpeg_folder, torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = Path(tempfile.mkdtemp(prefix="fast_ressl_faults_")) / "empty.yaml"
@@ -193,12 +193,8 @@ def test_temporary_checkpoints_of_a_killed_writer_are_removed(tmp_path):
 
 # ----------------------------------------------------------------------------- 9. other rank count
 def test_a_run_continues_on_another_number_of_ranks(tmp_path):
-    import socket
-
     run = tmp_path / "run"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "fast_ressl", "train",
                           str(RECIPE), *TINY, *SYNTH, "train.epochs=2", "train.stop_at_step=3", f"run.dir={run}"],
@@ -337,12 +333,8 @@ def test_torchrun_restart_resumes_from_the_newest_checkpoint(tmp_path):
     """torchrun --max-restarts=1, kill -9 of one of 2 workers: the restarted workers used to fail at
     once (Gloo connectFullMesh ... Connection refused: the previous attempt's addresses in the
     store) or hang in init_process_group; now they resume from the newest checkpoint and finish."""
-    import socket
-
     run = tmp_path / "run"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
            "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "fast_ressl", "train", str(RECIPE), *TINY,
            *SYNTH, "train.epochs=40", "train.ckpt_every=5", "train.dist_timeout_s=120", f"run.dir={run}"]
@@ -368,12 +360,8 @@ def test_torchrun_restart_on_two_nodes_connects_at_once(tmp_path):
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the README's multi-node command, the Docker image) each
     round has a store of its own and fast_ressl adds no prefix: the first restart connects and the
     run completes."""
-    import socket
-
     run = tmp_path / "run"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
            "--rdzv_id=two_nodes", f"--rdzv_endpoint=127.0.0.1:{port}", "--max_restarts=1", "-m", "fast_ressl",
            "train", str(RECIPE), *TINY, *SYNTH, "train.epochs=40", "train.ckpt_every=5", "train.dist_timeout_s=120",
@@ -404,13 +392,7 @@ def test_torchrun_restart_on_two_nodes_connects_at_once(tmp_path):
 
 # ----------------------------------------------------------------------------- 1. bad file mid-run
 def _torchrun(nproc, *over):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-            f"--master_port={port}", "-m", "fast_ressl", "train", str(RECIPE), *TINY, *over]
+    return torchrun(nproc, "train", str(RECIPE), *TINY, *over)
 
 
 def test_torch_loader_replaces_a_file_gone_bad_after_the_scan(tmp_path):

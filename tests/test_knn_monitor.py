@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import torch
 
-from conftest import add_bad_files, make_jpeg_folder
+from conftest import add_bad_files, free_port, make_jpeg_folder
 from fast_ressl import evaluate as E
 from fast_ressl.config import load_config
 from fast_ressl.datasets import DENYLIST_NAME, FileDataset, read_denylist, scan_command
@@ -112,9 +111,7 @@ def test_gathered_features_equal_one_process_features(tmp_path):
     of 1 image leaves rank 0's block empty; the gather still gives the image on both ranks."""
     train, val = _data(tmp_path, bad_train=True, bad_val=True)
     overrides = _overrides(train, val, tmp_path / "run", **{"eval.knn_train_samples": 21})
-    with socket.socket() as s:  # a free port for the rendezvous on loopback
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a free port for the rendezvous on loopback
     torch.multiprocessing.spawn(_features_on_rank, args=(port, overrides, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 

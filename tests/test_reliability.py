@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_jpeg_folder, torchrun
+from conftest import free_port, make_jpeg_folder, torchrun
 from fast_ressl.checkpoint import CheckpointError, safe_load
 from fast_ressl.config import load_config
 from fast_ressl.train import NonFiniteAbort, train
@@ -360,17 +360,13 @@ def test_ranks_resume_from_the_checkpoint_rank_0_found(tmp_path):
     different steps run different schedules with misaligned collectives (found in review). Now a
     rank that found another step loads rank 0's by its numbered file; if any rank cannot, every
     rank raises, naming what each found. (2 gloo ranks; what each rank found is given to it.)"""
-    import socket
-
     from fast_ressl.checkpoint import CheckpointDir, REQUIRED_KEYS
 
     ckpts = CheckpointDir(tmp_path / "ckpt")
     ckpts.root.mkdir()
     for step in (2, 4):
         ckpts.save({**{k: 0 for k in REQUIRED_KEYS}, "step": step}, step)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     torch.multiprocessing.spawn(_agree_on_rank, args=(port, str(ckpts.root), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"agree{r}.pt") for r in range(2))
     assert r0[0] == (4, "last.pt") and r1[0] == (4, "step_00000004.pt")
