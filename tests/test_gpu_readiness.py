@@ -343,7 +343,9 @@ def test_gpu_step_issues_no_host_sync(tmp_path):
             loop.run(st.step + 5)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    # torch's sync warning, not its "Synchronization debug mode is a prototype feature" notice on
+    # switching the mode on (torch 2.11), which failed this test on the first GPU run (H200)
+    syncs = [str(w.message) for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
     assert syncs == [], syncs
     meter.close()
 
