@@ -62,8 +62,8 @@ issues, those of the networks alone, and the difference (`bookkeeping_ops`, by o
 
 Where the time goes (step mode, after the op count): `breakdown.step_breakdown` times the networks
 alone (student forward + backward, teacher forward) against the measured step, and profiles two
-steps: the device's busy fraction on a GPU (launch-bound vs compute-bound) and the top ops by self
-time (`time_breakdown` in the JSON).
+steps: the device's busy fraction on a GPU (their kernel time per step over the timed step time:
+launch-bound vs compute-bound) and the top ops by self time (`time_breakdown` in the JSON).
 
 FLOPs: torch's FlopCounterMode on one backbone forward per view size (projector excluded);
 per source image = 3 x F(strong view) per strong view (student forward + backward) + F(weak view)
@@ -715,6 +715,7 @@ def run_bench(config: Optional[str], overrides: List[str], s: BenchSettings,
                                                    "(see `fast-ressl make-bench-data`)"}
                 continue
             _say(console, f"[bold]{v.name}[/] {mode} ...")
+            t_mode = time.perf_counter()
             try:
                 with backend_flags_restored():  # variant order cannot change another variant's flags
                     res = bench_loader(cfg, s, v) if mode == "loader" else bench_train(cfg, s, v, mode)
@@ -732,6 +733,9 @@ def run_bench(config: Optional[str], overrides: List[str], s: BenchSettings,
                     run["config"] = to_dict(cfg)  # the resolved config (of the loader modes if any)
                 _say(console, f"  {v.name} {mode}: {res['median']:.1f} {res['unit']} "
                               f"(spread {res['spread_pct']:.0f}%)")
+            # the measurement's whole cost (build, warm-up, repeats, op count, profile): what a GPU
+            # check's time budget has to plan for (the first H200 run had no such figure)
+            res["wall_s"] = round(time.perf_counter() - t_mode, 1)
             run["results"][mode] = res
             # what is measured so far, on disk: a bench killed at a time limit (a lent GPU's
             # minutes) still leaves every finished measurement
