@@ -301,6 +301,23 @@ def test_sweep_measures_every_grid_point_and_names_the_fastest(tmp_path, bench_d
     assert best["vs_fast"] == pytest.approx(best["median"] / medians["fast"])
 
 
+def test_a_grid_without_the_fast_preset_compares_with_its_own_fast_point(tmp_path, bench_data):
+    """`--presets ''` with a grid that holds the fast config (here data.prefetch_queue_depth=2, the
+    default): that point is measured once and stands for the fast config in vs_fast."""
+    root, _ = bench_data
+    s = bench.BenchSettings(modes=["loader"], variants=[], data=str(root), out=str(tmp_path / "g.json"),
+                            sweep=bench.parse_sweep(["data.prefetch_queue_depth=1,2"]), **FAST)
+    report = bench.run_bench(None, TINY, s)
+    assert [r["variant"] for r in report["runs"]] == ["data.prefetch_queue_depth=1", "data.prefetch_queue_depth=2"]
+    medians = {r["variant"]: r["results"]["loader"]["median"] for r in report["runs"]}
+    assert report["sweep"]["fast"] == "data.prefetch_queue_depth=2"
+    best = report["sweep"]["best"]["loader"]
+    assert best["vs_fast"] == pytest.approx(best["median"] / medians["data.prefetch_queue_depth=2"])
+    s.sweep = bench.parse_sweep(["data.prefetch_queue_depth=1,3"])  # no point is the fast config
+    report = bench.run_bench(None, TINY, s)
+    assert report["sweep"]["fast"] == "fast" and "vs_fast" not in report["sweep"]["best"]["loader"]
+
+
 def test_a_failed_measurement_is_recorded_and_the_others_still_run(tmp_path, capsys):
     """A measurement that raises (here a sweep point naming a backbone timm does not have; on a GPU
     machine, say, the reference's torch loader refused for want of /dev/shm) used to end the bench,
