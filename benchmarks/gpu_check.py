@@ -695,9 +695,9 @@ def write_report(a: argparse.Namespace, argv: Optional[List[str]], runner: Runne
     report = {"schema": "fast_ressl.gpu_check/1", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "command": ["bash", "benchmarks/gpu_check.sh", *(argv if argv is not None else sys.argv[1:])],
               "machine": info, "settings": dict(vars(a)), "threads": threads,
-              "wall_s": round(time.time() - runner.t0, 1), "bounds": bounds(runner, models),
+              "wall_s": round(time.time() - runner.t0, 1), "bounds": bounds(bench_reports(runner, models), models),
               "stages": runner.stages}
-    report["targets"] = targets(runner, models, report["bounds"])
+    report["targets"] = targets(bench_reports(runner, models), models, report["bounds"])
     report["next_call"] = next_call(a, report["command"][2:], runner)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     with open(out / "gpu_check.log", "w") as f:
@@ -781,8 +781,14 @@ def name_bound(model: str, report: Dict[str, Any], first: Dict[str, Any]) -> Opt
     return out
 
 
-def bounds(runner: Runner, models: List[str]) -> List[Dict[str, Any]]:
-    reports = [runner.stages.get(f"bench_{m}", {}).get("result") or {} for m in models]
+def bench_reports(runner: Runner, models: List[str]) -> Dict[str, Dict[str, Any]]:
+    """{model: its bench stage's report ({} where none)}."""
+    return {m: runner.stages.get(f"bench_{m}", {}).get("result") or {} for m in models}
+
+
+def bounds(by_model: Dict[str, Dict[str, Any]], models: List[str]) -> List[Dict[str, Any]]:
+    """Each model's bound (name_bound) from {model: bench report}, in `models`' order."""
+    reports = [by_model.get(m) or {} for m in models]
     # the loader figures: from the first bench that measured the loader mode
     first = next((r for r in reports if _medians(r, "fast").get("loader") is not None), {})
     found = [name_bound(m, r, first) for m, r in zip(models, reports)]
@@ -795,11 +801,13 @@ def bounds(runner: Runner, models: List[str]) -> List[Dict[str, Any]]:
 E2E_TARGET, E2E_MOONSHOT, WAIT_TARGET, VS_REF_TARGET, SMALL_TARGET = 3500.0, 5000.0, 0.03, 3.0, 0.9
 
 
-def targets(runner: Runner, models: List[str], found_bounds: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One row per target: what was measured (None = not measured) and whether it is met."""
+def targets(by_model: Dict[str, Dict[str, Any]], models: List[str],
+            found_bounds: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per target from {model: bench report}: what was measured (None = not measured) and
+    whether it is met."""
     if not models:
         return []
-    first = runner.stages.get(f"bench_{models[0]}", {}).get("result") or {}
+    first = by_model.get(models[0]) or {}
     e2e = next((r["results"].get("e2e", {}) for r in first.get("runs", []) if r["variant"] == "fast"), {})
     wait = e2e.get("data_wait_fraction", {}).get("median")
     vs_ref = first.get("ratios", {}).get("fast", {}).get("e2e")

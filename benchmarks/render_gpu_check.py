@@ -44,16 +44,31 @@ def render(out: Path) -> str:
     lines += _table(["stage", "status", "seconds", "result"],
                     [[n, r.get("status", "?"), r.get("seconds", "-"), gpu_check.stage_result(n, r)]
                      for n, r in rep.get("stages", {}).items()])
-    if rep.get("targets"):
+    # targets and bounds from the bench reports in the folder, as gpu_check names them now: a
+    # report a later call on the same machine added (a stage this call ran out of time for) counts
+    models = [m for m in str(rep.get("settings", {}).get("models", "")).split(",") if m]
+    by_model = {m: json.loads((out / f"bench_{m}.json").read_text()) for m in models
+                if (out / f"bench_{m}.json").exists()}
+    found = gpu_check.bounds(by_model, models)
+    found_targets = gpu_check.targets(by_model, models, found)
+    later = [f"`{p.name}`" for p in sorted(out.glob("*.json")) if p.stem != "gpu_check"
+             and rep.get("stages", {}).get(p.stem, {}).get("status") not in ("ok", "timeout", "failed", "killed")]
+    if later:
+        lines += ["", f"From later calls on the same machine (their commands are in their reports or the "
+                      f"folder's README): {', '.join(later)}."]
+    resume = out / "resume.json"
+    if resume.exists() and rep.get("stages", {}).get("resume", {}).get("status") != "ok":
+        lines += ["", f"resume (`resume.json`): {gpu_check.stage_result('resume', {'status': 'ok', 'result': json.loads(resume.read_text())})}"]
+    if found_targets:
         lines += ["", "### Issue 11's targets (measured, not asserted)", ""]
         lines += _table(["model", "target", "measured", "met"],
                         [[t["model"], t["target"], t["shown"], {True: "yes", False: "no", None: "not measured"}[t["met"]]]
-                         for t in rep["targets"]])
-    if rep.get("bounds"):
+                         for t in found_targets])
+    if found:
         lines += ["", "### What limits each model end to end (fast path)", ""]
         lines += _table(["model", "bound", "e2e / min(step, loader)", "evidence"],
                         [[b["model"], b["bound"], b.get("e2e_vs_min_alone", "-"), b["evidence"]]
-                         for b in rep["bounds"]])
+                         for b in found])
     for path in sorted(out.glob("bench_*.json")) + sorted(out.glob("tune_*.json")):
         lines += ["", f"### {path.stem} (`{path.name}`)", "", render_results.render(json.loads(path.read_text()))]
     return "\n".join(lines) + "\n"

@@ -837,7 +837,8 @@ def result_cells(mode: str, variant: str, res: Dict[str, Any], ratios: Dict[str,
     ratio = ratios.get(variant, {}).get(mode)
     details = []
     if "tflops" in res:
-        details.append(f"{res['tflops'] * 1000:.1f} GFLOP/s achieved")
+        details.append(f"{res['tflops']:.1f} TFLOP/s achieved" if res["tflops"] >= 1
+                       else f"{res['tflops'] * 1000:.1f} GFLOP/s achieved")
     if "data_wait_fraction" in res:
         details.append(f"data wait {100 * res['data_wait_fraction']['median']:.1f}%")
     if "peak_memory_mb" in res:
@@ -848,8 +849,11 @@ def result_cells(mode: str, variant: str, res: Dict[str, Any], ratios: Dict[str,
     tb = res.get("time_breakdown")
     if tb and tb.get("networks_share") is not None:
         details.append(f"networks {100 * tb['networks_share']:.0f}% of the step")
-    if tb and tb.get("device_busy_fraction") is not None:
-        details.append(f"GPU busy {100 * tb['device_busy_fraction']:.0f}%")
+    if tb:
+        from .breakdown import report_busy_fraction  # torch: a step report's reader has it
+    busy = report_busy_fraction(tb) if tb else None
+    if busy is not None:
+        details.append(f"GPU busy {100 * busy:.0f}%")
     if res.get("epoch_boundaries_timed"):
         builds = f", {res['sync_builds_timed']} sync builds" if res.get("sync_builds_timed") else ""
         details.append(f"{res['epoch_boundaries_timed']} epoch boundaries timed{builds}")

@@ -84,6 +84,17 @@ def _profile_steps(loop: Any, steps: int, step_ms: float) -> Dict[str, Any]:
     return out
 
 
+def report_busy_fraction(tb: Dict[str, Any]):
+    """The busy fraction of a report's time_breakdown, also for reports written before it was kernel
+    time over the timed step (no `kernel_ms_per_step`; their `device_busy_fraction` was kernel time
+    over the profiled wall time): the kernel time is recovered from those two and divided again.
+    None where the report has no GPU profile."""
+    busy = tb.get("device_busy_fraction")
+    if busy is None or "kernel_ms_per_step" in tb or not tb.get("profiled_wall_ms"):
+        return busy
+    return busy_fraction(busy * tb["profiled_wall_ms"] / tb["profiled_steps"], tb["step_ms"])
+
+
 def busy_fraction(kernel_ms_per_step: float, step_ms: float):
     """Kernel time per step over the timed step's wall time, capped at 1 (overlapping streams);
     None without a step time."""

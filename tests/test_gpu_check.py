@@ -492,9 +492,10 @@ def test_targets_reported_from_the_bench_reports(tmp_path):
                       {"variant": "reference", "results": {"e2e": {"median": 1000.0}}}],
              "ratios": {"fast": {"e2e": 3.6}}}
     runner.stages["bench_resnet50"] = {"status": "ok", "result": first}
-    rows = gpu_check.targets(runner, ["resnet50", "mobilenetv3_large_100", "efficientnet_b0"],
+    models = ["resnet50", "mobilenetv3_large_100", "efficientnet_b0"]
+    rows = gpu_check.targets(gpu_check.bench_reports(runner, models), models,
                              [{"model": "mobilenetv3_large_100", "e2e_vs_min_alone": 0.85}])
     assert [(r["model"], r["value"], r["met"], r["shown"]) for r in rows] == [
         ("resnet50", 3600.0, True, "3600 images/s"), ("resnet50", 0.05, False, "5.0%"), ("resnet50", 3.6, True, "3.60x"),
         ("mobilenetv3_large_100", 0.85, False, "0.85x"), ("efficientnet_b0", None, None, "-")]
-    assert gpu_check.targets(runner, [], []) == []
+    assert gpu_check.targets({}, [], []) == []
