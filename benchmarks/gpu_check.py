@@ -759,6 +759,11 @@ def name_bound(model: str, report: Dict[str, Any], first: Dict[str, Any]) -> Opt
         out["evidence"] = (f"step alone {step:.0f} <= loader alone {loader:.0f} images/s, but e2e {e2e:.0f} is "
                            f"{e2e / step:.2f}x the step alone at {wait:.1%} data wait; step and loader in "
                            f"series would give {serial:.0f}")
+        fast_loader = next((r["results"].get("loader", {}) for r in first.get("runs", []) if r["variant"] == "fast"), {})
+        if fast_loader.get("loader_gpu_share") is not None:  # what the loader's own kernels take
+            out["loader_gpu_share"] = fast_loader["loader_gpu_share"]
+            out["evidence"] += (f"; the loader alone keeps the GPU {fast_loader['loader_gpu_share']:.0%} busy "
+                                f"({fast_loader['loader_gpu_ms_per_batch']:.1f} ms of kernels and copies per batch)")
     elif step <= loader and e2e and wait is not None and e2e < SMALL_TARGET * step:
         # the step waits for batches end to end although the loader alone outruns the step: the
         # loader slows when the step runs beside it

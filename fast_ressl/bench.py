@@ -514,11 +514,41 @@ def bench_loader(cfg: Config, s: BenchSettings, variant: Optional[Variant] = Non
             del out
         mem.sample()
         boundaries = _boundary_report(loader, warmup, warmup + s.iters * s.repeats, builds, wait0)
+        gpu = _loader_gpu_share(fetch, s.iters, batch_size) if dev.type == "cuda" else {}
     finally:
         _close_loader(loader)
     del it, loader
     return {"unit": "source images/s", **summarize(rates), "batch_size": batch_size,
-            "loader": cfg.data.loader, "device": str(dev), **boundaries, **mem.report()}
+            "loader": cfg.data.loader, "device": str(dev), **boundaries, **mem.report(), **gpu}
+
+
+def _loader_gpu_share(fetch, batches: int, batch_size: int) -> Dict[str, Any]:
+    """How much of the GPU the loader occupies at full speed: the summed duration of every kernel and
+    copy on the device (DALI's decoding and augmentation, the views' copies; CUPTI sees the whole
+    process) over `batches` batches fetched under torch.profiler, divided by their wall time. Why:
+    on the first H200 run the small backbones ran end to end at 0.65-0.77x their steps alone with
+    the loader keeping up; this says whether the loader's GPU work is what the step shares.
+    Measured after the timed repeats (the profiler never runs in them); a profiler that cannot
+    attach leaves `loader_gpu_error` instead."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(batches):
+                fetch()
+            torch.cuda.synchronize()
+        wall_ms = 1000 * (time.perf_counter() - t0)
+        dev_us = sum(ev.self_device_time_total for ev in prof.key_averages()
+                     if ev.device_type == torch.autograd.DeviceType.CUDA)
+    except RuntimeError as e:
+        return {"loader_gpu_error": f"{type(e).__name__}: {e}"[:300]}
+    return {"loader_gpu_ms_per_batch": round(dev_us / 1000 / batches, 3),
+            "loader_gpu_share": round(min(1.0, dev_us / 1000 / wall_ms), 4) if wall_ms else None,
+            "loader_gpu_kind": f"device time of all kernels and copies over {batches} batches of "
+                               f"{batch_size} under torch.profiler, over their wall time"}
 
 
 def build_models(cfg: Config, env: Any) -> tuple:
@@ -857,6 +887,9 @@ def result_cells(mode: str, variant: str, res: Dict[str, Any], ratios: Dict[str,
     if res.get("epoch_boundaries_timed"):
         builds = f", {res['sync_builds_timed']} sync builds" if res.get("sync_builds_timed") else ""
         details.append(f"{res['epoch_boundaries_timed']} epoch boundaries timed{builds}")
+    if res.get("loader_gpu_share") is not None:
+        details.append(f"loader's GPU work {res['loader_gpu_ms_per_batch']:.1f} ms/batch "
+                       f"({100 * res['loader_gpu_share']:.0f}% of the GPU at this rate)")
     if "loader" in res:
         details.append(f"loader {res['loader']}")
     return [mode, variant, f"{res['median']:.1f}", f"{res['min']:.1f}-{res['max']:.1f}",

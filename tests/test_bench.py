@@ -488,3 +488,13 @@ def test_reports_written_before_the_busy_fix_are_read_with_it():
     assert res["time_breakdown"]["device_busy_fraction"] == pytest.approx(0.54, abs=0.005)  # as measured
     details = bench.result_cells("step", "fast", res, report["ratios"])[-1]
     assert "GPU busy 98%" in details and "99.8 TFLOP/s achieved" in details
+
+
+def test_the_loaders_gpu_share_is_left_out_with_the_reason_where_the_profiler_cannot_see_a_gpu():
+    """bench's loader mode profiles a few batches for the loader's own GPU time (CUDA only); where
+    that profile fails (here: no driver) the measurement keeps its figures and says why."""
+    out = bench._loader_gpu_share(lambda: None, 3, 8)
+    assert set(out) == {"loader_gpu_error"} and "RuntimeError" in out["loader_gpu_error"]
+    res = {"median": 1.0, "min": 1.0, "max": 1.0, "spread_pct": 0.0, "loader_gpu_share": 0.41,
+           "loader_gpu_ms_per_batch": 8.5, "loader": "dali"}
+    assert "loader's GPU work 8.5 ms/batch (41% of the GPU at this rate)" in bench.result_cells("loader", "fast", res, {})[-1]

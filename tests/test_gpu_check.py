@@ -472,6 +472,9 @@ def test_bound_named_from_step_loader_and_the_loader_without_augmentation():
     b = gpu_check.name_bound("mobilenetv3_large_100", mnv3, h200)
     assert b["bound"] == "compute shared with the loader" and b["e2e_vs_min_alone"] == 0.645
     assert "e2e 3180 is 0.65x the step alone at 1.4% data wait" in b["evidence"] and "give 3518" in b["evidence"]
+    h200["runs"][0]["results"]["loader"].update(loader_gpu_share=0.41, loader_gpu_ms_per_batch=8.5)
+    b = gpu_check.name_bound("mobilenetv3_large_100", mnv3, h200)
+    assert "the loader alone keeps the GPU 41% busy (8.5 ms of kernels and copies per batch)" in b["evidence"]
     mnv3["runs"][0]["results"]["e2e"]["data_wait_fraction"] = {"median": 0.2}  # waits for batches
     b = gpu_check.name_bound("mobilenetv3_large_100", mnv3, h200)
     assert b["bound"].startswith("data") and "waits 20.0% of its time" in b["evidence"]
