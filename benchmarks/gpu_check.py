@@ -27,6 +27,9 @@ budget_left_s minus ~100 s):
             settings (`bench --sweep`, --tune; default threads 4/8/12 x hw_decoder_load 0/0.65/0.95)
   tune_step the first model's step over a grid (--tune-step; default the networks compiled or not
             x bf16 or fp16: model.compile=false,true x train.precision=bf16,fp16), vs the fast default
+  tune_e2e  the last model end to end over DALI threads x hw_decoder_load (--tune-e2e; default
+            4/8/12 x 0.65/0.95): where the loader slows the step beside it, the loader alone is the
+            wrong thing to tune
   ddp       the first model's fast step under DDP: torchrun with one rank and
             FAST_RESSL_DDP_ONE_RANK=1 (an NCCL process group of one; NCCL refuses two ranks on one
             GPU), vs the plain fast step of its bench: what DDP itself costs per GPU, before any
@@ -37,9 +40,10 @@ the budget is recorded as skipped, and the summary ends with the command of a la
 only what is left (`next_call` in gpu_check.json: --skip names every stage that passed; DALI is
 carried and the JPEGs made again, as a fresh machine needs; the loader mode then rides with the
 first model whose bench runs). Everything goes to --out (default $OUT, else
-bench_out/gpu_check), at most 7 files (the device tool brings back 8): gpu_check.json (machine,
-versions, settings, every stage's status, times and parsed results, the full bench reports),
-gpu_check.log (each stage's log tail), bench_<model>.json, tune_loader.json and tune_step.json (the
+bench_out/gpu_check), at most 8 files with the default three models (the device tool brings back
+8): gpu_check.json (machine, versions, settings, every stage's status, times and parsed results, the
+full bench reports), gpu_check.log (each stage's log tail), bench_<model>.json, tune_loader.json,
+tune_step.json and tune_e2e.json (the
 reports, for benchmarks/results/; the benches write them there as they measure, so a call killed at
 the device's limit still brings back every finished measurement). On SIGTERM/SIGINT the running
 stage is recorded as killed, with what it had written, before the script exits. Scratch files
@@ -82,6 +86,8 @@ BENCH_TIMEOUT_S = {"first": 240.0, "other": 150.0}
 # cuDNN's batch norm (aten/src/ATen/native/Normalization.cpp, _select_batch_norm_backend) and does
 # send fp16 ones with fp32 weights (AMP's case). Compiling fuses batch norm into generated kernels.
 TUNE_STEP = ("model.compile=false,true", "train.precision=bf16,fp16")
+# tune_e2e's default grid (the last model end to end; its point 12 threads x 0.65 is the bench's own)
+TUNE_E2E = ("data.num_threads=4,8,12", "data.hw_decoder_load=0.65,0.95")
 # Seconds a stage past its timeout gets between SIGINT (write what you have) and SIGKILL.
 GRACE_S = 10.0
 
@@ -115,7 +121,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    "--models/--size/--batch/--images; its figures mean nothing)")
     p.add_argument("--skip", default="",
                    help="comma list of stages to skip (dali, pytest, bench = every bench_<model>, "
-                   "bench_<model>, sync, resume, tune = tune_loader + tune_step, ddp); the summary prints "
+                   "bench_<model>, sync, resume, tune = tune_loader + tune_step + tune_e2e, ddp); the summary prints "
                    "the --skip of a later call that runs only what is left")
     p.add_argument("--tune", action="append", default=None, metavar="KEY=V1,V2,...",
                    help="the tune_loader stage's grid (bench --sweep; repeat per key; default "
@@ -123,11 +129,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--tune-step", action="append", default=None, metavar="KEY=V1,V2,...",
                    help="the tune_step stage's grid (bench --sweep; repeat per key; default "
                    f"{' and '.join(TUNE_STEP)})")
+    p.add_argument("--tune-e2e", action="append", default=None, metavar="KEY=V1,V2,...",
+                   help="the tune_e2e stage's grid for the last model end to end (bench --sweep; default "
+                   f"{' and '.join(TUNE_E2E)})")
     p.add_argument("--pytest-k", default=None, metavar="EXPR",
                    help="run only the GPU tests pytest -k EXPR selects (a later call re-checking a fix)")
     a = p.parse_args(argv)
     a.tune = a.tune or ["data.num_threads=4,8,12", "data.hw_decoder_load=0,0.65,0.95"]
     a.tune_step = a.tune_step or list(TUNE_STEP)
+    a.tune_e2e = a.tune_e2e or list(TUNE_E2E)
     return a
 
 
@@ -556,6 +566,10 @@ def stage_result(name: str, rec: Dict[str, Any]) -> str:
                 f"{res.get('killed_at_step')}, {len(res.get('tensors_differ', []))}/{res.get('tensors_compared')} "
                 f"tensors differ, losses equal {res.get('losses_equal')}{ctl}"
                 + (f"; {res['error'][:120]}" if res.get("error") else ""))
+    if name == "tune_e2e" and res and res.get("sweep", {}).get("best", {}).get("e2e"):
+        b = res["sweep"]["best"]["e2e"]
+        vs = f", {b['vs_fast']:.2f}x the bench's settings" if b.get("vs_fast") else ""
+        return f"{res['settings']['overrides'][0]} e2e: fastest {b['variant']}: {b['median']:.0f} images/s{vs}"
     if name == "tune_loader" and res and res.get("sweep", {}).get("best", {}).get("loader"):
         b = res["sweep"]["best"]["loader"]
         return f"fastest {b['variant']}: {b['median']:.0f} images/s, {b['vs_slowest']:.2f}x the slowest point"
@@ -675,6 +689,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         for item in a.tune_step:
             cmd += ["--sweep", item]
         runner.run("tune_step", cmd, timeout=240, result=lambda: load_json(sj2), min_s=STAGE_MIN_S["tune_step"])
+    if not skip & {"tune", "tune_e2e"} and bench_data is not None:
+        # the last model end to end over DALI threads x hw_decoder_load: where the loader slows the
+        # step beside it (the small backbones on the first H200 run), the loader alone is the wrong
+        # thing to tune; fewer threads free CPU, more hardware decoding frees SMs
+        ej = out / "tune_e2e.json"
+        ej.unlink(missing_ok=True)
+        cmd = [py, "-m", "fast_ressl", "bench", "-", *run_overrides(a, models[-1] if models else main_model),
+               f"data.num_threads={threads}", f"run.device={a.device}", "--presets", "", "--modes", "e2e",
+               "--data", str(bench_data), "--warmup", str(a.warmup), "--iters", str(a.iters), "--repeats", "2",
+               "--out", str(ej)]
+        for item in a.tune_e2e:
+            cmd += ["--sweep", item]
+        runner.run("tune_e2e", cmd, timeout=150, result=lambda: load_json(ej), min_s=STAGE_MIN_S["bench"])
     if "ddp" not in skip:
         # last, the first to go when time runs out: not one of issue 11's asks, but the first figure
         # a user planning a multi-GPU run wants

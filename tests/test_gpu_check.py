@@ -161,13 +161,14 @@ def test_cpu_rehearsal_runs_every_stage_and_reports(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     q = _bash("--device", "cpu", "--models", "test_resnet", "--size", "32", "--batch", "8", "--images", "48",
               "--parallel", "2", "--warmup", "1", "--iters", "1", "--repeats", "1", "--sync-steps", "3",
-              "--skip", "dali,pytest,resume", "--tune", "data.num_threads=1,2", "--out", str(out),
+              "--skip", "dali,pytest,resume", "--tune", "data.num_threads=1,2",
+              "--tune-e2e", "data.num_threads=1,2", "--threads", "2", "--out", str(out),
               "--work", str(work))
     assert q.returncode == 0, q.stdout[-3000:] + q.stderr[-3000:]
     import json
 
     rep = json.loads((out / "gpu_check.json").read_text())
-    assert list(rep["stages"]) == ["data", "bench_test_resnet", "sync", "tune_loader", "tune_step", "ddp"]
+    assert list(rep["stages"]) == ["data", "bench_test_resnet", "sync", "tune_loader", "tune_step", "tune_e2e", "ddp"]
     assert all(r["status"] == "ok" for r in rep["stages"].values())
     ddp = rep["stages"]["ddp"]["result"]  # the step under a one-rank process group (gloo on the CPU)
     assert ddp["process_group"] == "gloo" and ddp["vs_plain"] > 0 and ddp["ops_per_step"] > 0
@@ -202,6 +203,12 @@ def test_cpu_rehearsal_runs_every_stage_and_reports(tmp_path):
     # CUDA graphs are reported where they can be captured (CUDA) only
     assert all("cudagraphs" not in r["results"]["step"] for r in step["runs"])
     assert "train.precision=" in q.stdout and "x the fast default" in q.stdout
+    # the last model end to end over the --tune-e2e grid; its 2-thread point is the benches' own (--threads)
+    e2e = json.loads((out / "tune_e2e.json").read_text())
+    assert [r["variant"] for r in e2e["runs"]] == ["data.num_threads=1", "data.num_threads=2"]
+    assert e2e["sweep"]["fast"] == "data.num_threads=2"
+    assert all("median" in r["results"]["e2e"] for r in e2e["runs"])
+    assert "e2e: fastest data.num_threads=" in q.stdout
 
 
 def test_pytest_k_runs_only_the_tests_it_selects(tmp_path):
