@@ -78,7 +78,9 @@ def _profile_steps(loop: Any, steps: int, step_ms: float) -> Dict[str, Any]:
                            "top_ops": [{"name": k, "ms_per_step": round(us / 1000 / steps, 3),
                                         "share": round(us / total_us, 4) if total_us else 0.0,
                                         "calls_per_step": round(n / steps, 2)} for us, k, n in rows[:TOP]]}
-    if gpu:
+    if gpu and total_us <= 0:  # CUPTI that did not attach (a warning): no figure rather than 0% busy
+        out["profile_error"] = "the profiler recorded no device time"
+    elif gpu:
         out["kernel_ms_per_step"] = round(total_us / 1000 / steps, 3)
         out["device_busy_fraction"] = busy_fraction(total_us / 1000 / steps, step_ms)
     return out

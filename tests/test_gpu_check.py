@@ -168,7 +168,7 @@ def test_cpu_rehearsal_runs_every_stage_and_reports(tmp_path):
     import json
 
     rep = json.loads((out / "gpu_check.json").read_text())
-    assert list(rep["stages"]) == ["data", "bench_test_resnet", "sync", "tune_loader", "tune_step", "tune_e2e", "ddp"]
+    assert list(rep["stages"]) == ["data", "bench_test_resnet", "sync", "tune_step", "tune_e2e", "tune_loader", "ddp"]
     assert all(r["status"] == "ok" for r in rep["stages"].values())
     ddp = rep["stages"]["ddp"]["result"]  # the step under a one-rank process group (gloo on the CPU)
     assert ddp["process_group"] == "gloo" and ddp["vs_plain"] > 0 and ddp["ops_per_step"] > 0
