@@ -670,43 +670,35 @@ def main(argv: Optional[List[str]] = None) -> int:
         runner.run("resume", [py, str(REPO / "benchmarks" / "gpu_resume_check.py"), "--work",
                               str(work / "resume"), "--device", a.device, "--out", str(rj)], timeout=150,
                    result=lambda: load_json(rj), min_s=STAGE_MIN_S["resume"])
-    if not skip & {"tune", "tune_step"}:
-        # the step over a grid (TUNE_STEP: compiled or not x bf16 or fp16); the grid's point that is
-        # the fast default (this run's settings) is measured once and compared with (vs_fast)
-        sj2 = out / "tune_step.json"
-        sj2.unlink(missing_ok=True)
-        cmd = [py, "-m", "fast_ressl", "bench", "-", *run_overrides(a, main_model),
-               f"run.device={a.device}", "--presets", "", "--modes", "step", "--warmup", str(a.warmup),
-               "--iters", str(a.iters), "--repeats", "2", "--out", str(sj2)]
-        for item in a.tune_step:
+    def tune(stage: str, model: str, mode: str, presets: str, grid: List[str], overrides: List[str],
+             timeout: float, min_s: Optional[float] = None) -> None:
+        """A sweep stage: `bench --sweep` of `model` in `mode` over `grid`; its report under --out as
+        <stage>.json. With presets '' the grid's point that is the fast config itself (this run's
+        settings) is measured once and compared with (vs_fast)."""
+        rep = out / f"{stage}.json"
+        rep.unlink(missing_ok=True)
+        cmd = [py, "-m", "fast_ressl", "bench", "-", *run_overrides(a, model), *overrides, f"run.device={a.device}",
+               "--presets", presets, "--modes", mode, "--warmup", str(a.warmup), "--iters", str(a.iters),
+               "--repeats", "2", "--out", str(rep)]
+        cmd += ["--data", str(bench_data)] if mode != "step" else []
+        for item in grid:
             cmd += ["--sweep", item]
-        runner.run("tune_step", cmd, timeout=240, result=lambda: load_json(sj2), min_s=STAGE_MIN_S["tune_step"])
+        runner.run(stage, cmd, timeout=timeout, result=lambda: load_json(rep), min_s=min_s)
+
+    if not skip & {"tune", "tune_step"}:  # the step: compiled or not x bf16 or fp16 (TUNE_STEP)
+        tune("tune_step", main_model, "step", "", a.tune_step, [], 240, STAGE_MIN_S["tune_step"])
     if not skip & {"tune", "tune_e2e"} and bench_data is not None:
         # the last model end to end over DALI threads x hw_decoder_load: where the loader slows the
         # step beside it (the small backbones on the first H200 run), the loader alone is the wrong
         # thing to tune; fewer threads free CPU, more hardware decoding frees SMs
-        ej = out / "tune_e2e.json"
-        ej.unlink(missing_ok=True)
-        cmd = [py, "-m", "fast_ressl", "bench", "-", *run_overrides(a, models[-1] if models else main_model),
-               f"data.num_threads={threads}", f"run.device={a.device}", "--presets", "", "--modes", "e2e",
-               "--data", str(bench_data), "--warmup", str(a.warmup), "--iters", str(a.iters), "--repeats", "2",
-               "--out", str(ej)]
-        for item in a.tune_e2e:
-            cmd += ["--sweep", item]
-        runner.run("tune_e2e", cmd, timeout=150, result=lambda: load_json(ej), min_s=STAGE_MIN_S["bench"])
+        tune("tune_e2e", models[-1] if models else main_model, "e2e", "", a.tune_e2e,
+             [f"data.num_threads={threads}"], 150, STAGE_MIN_S["bench"])
     if not skip & {"tune", "tune_loader"} and bench_data is not None:
         # the loader alone over a grid of DALI settings (issue 11's tuning): after tune_step and
         # tune_e2e, since on the first H200 run the loader alone made 4x what the ResNet-50 step
-        # used, and where the loader does hold the small backbones back it is end to end
-        tj = out / "tune_loader.json"
-        tj.unlink(missing_ok=True)
+        # used, and where the loader does hold the small backbones back it is end to end.
         # (train.precision rides along with the run's overrides: the loader's output is data.dtype)
-        cmd = [py, "-m", "fast_ressl", "bench", "-", *run_overrides(a, main_model),
-               f"run.device={a.device}", "--presets", "fast", "--modes", "loader", "--data", str(bench_data),
-               "--warmup", str(a.warmup), "--iters", str(a.iters), "--repeats", "2", "--out", str(tj)]
-        for item in a.tune:
-            cmd += ["--sweep", item]
-        runner.run("tune_loader", cmd, timeout=150, result=lambda: load_json(tj))
+        tune("tune_loader", main_model, "loader", "fast", a.tune, [], 150)
     if "ddp" not in skip:
         # last, the first to go when time runs out: not one of issue 11's asks, but the first figure
         # a user planning a multi-GPU run wants
