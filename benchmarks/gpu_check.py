@@ -540,7 +540,7 @@ def ddp_result(ddp: Optional[Dict[str, Any]], plain: Optional[Dict[str, Any]]) -
     step = _medians(ddp or {}, "fast").get("step")
     if step is None:
         return None
-    res = next(r for r in ddp["runs"] if r["variant"] == "fast")["results"]["step"]
+    res = _fast_result(ddp, "step")
     base = _medians(plain or {}, "fast").get("step")
     return {"step": step, "process_group": res.get("process_group"), "ops_per_step": res.get("ops_per_step"),
             "plain_step": base, "vs_plain": round(step / base, 3) if base else None, "report": ddp}
@@ -750,6 +750,11 @@ def next_call(a: argparse.Namespace, args: List[str], runner: Runner) -> Dict[st
     return {"left": left, "command": cmd if left else None}
 
 
+def _fast_result(report: Dict[str, Any], mode: str) -> Dict[str, Any]:
+    """The fast variant's result for `mode` in a bench report ({} where it has none)."""
+    return next((r["results"].get(mode, {}) for r in report.get("runs", []) if r["variant"] == "fast"), {})
+
+
 def _medians(report: Dict[str, Any], variant: str) -> Dict[str, float]:
     """{mode: median images/s} of one variant of a bench report."""
     run = next((r for r in report.get("runs", []) if r["variant"] == variant), {})
@@ -766,13 +771,14 @@ def name_bound(model: str, report: Dict[str, Any], first: Dict[str, Any]) -> Opt
     noaug = _medians(first, "no_augment").get("loader")
     if step is None or loader is None:
         return None
-    fast_e2e = next((r["results"].get("e2e", {}) for r in report.get("runs", []) if r["variant"] == "fast"), {})
-    wait = (fast_e2e.get("data_wait_fraction") or {}).get("median")
+    wait = (_fast_result(report, "e2e").get("data_wait_fraction") or {}).get("median")
     out: Dict[str, Any] = {"model": model, "step": step, "loader": loader, "loader_no_augment": noaug, "e2e": e2e,
                            "data_wait": wait}
     if e2e:  # issue 11's target for the small backbones: >= 0.9
         out["e2e_vs_min_alone"] = round(e2e / min(step, loader), 3)
-    if step <= loader and e2e and wait is not None and e2e < SMALL_TARGET * step and wait <= WAIT_TARGET:
+    # the step alone outruns the loader alone, yet end to end runs well under the step
+    slowed = step <= loader and e2e and wait is not None and e2e < SMALL_TARGET * step
+    if slowed and wait <= WAIT_TARGET:
         # The loader keeps up (the step hardly waits for a batch) and yet the step runs slower than
         # alone: the loader's work beside it (its kernels on the same GPU, its threads on the same
         # CPU) slows the step itself. Seen on the first H200 run: efficientnet_b0 e2e 0.77x and
@@ -783,12 +789,12 @@ def name_bound(model: str, report: Dict[str, Any], first: Dict[str, Any]) -> Opt
         out["evidence"] = (f"step alone {step:.0f} <= loader alone {loader:.0f} images/s, but e2e {e2e:.0f} is "
                            f"{e2e / step:.2f}x the step alone at {wait:.1%} data wait; step and loader in "
                            f"series would give {serial:.0f}")
-        fast_loader = next((r["results"].get("loader", {}) for r in first.get("runs", []) if r["variant"] == "fast"), {})
+        fast_loader = _fast_result(first, "loader")
         if fast_loader.get("loader_gpu_share") is not None:  # what the loader's own kernels take
             out["loader_gpu_share"] = fast_loader["loader_gpu_share"]
             out["evidence"] += (f"; the loader alone keeps the GPU {fast_loader['loader_gpu_share']:.0%} busy "
                                 f"({fast_loader['loader_gpu_ms_per_batch']:.1f} ms of kernels and copies per batch)")
-    elif step <= loader and e2e and wait is not None and e2e < SMALL_TARGET * step:
+    elif slowed:
         # the step waits for batches end to end although the loader alone outruns the step: the
         # loader slows when the step runs beside it
         out["bound"] = "data (the loader slowed beside the step)"
@@ -837,7 +843,7 @@ def targets(by_model: Dict[str, Dict[str, Any]], models: List[str],
     if not models:
         return []
     first = by_model.get(models[0]) or {}
-    e2e = next((r["results"].get("e2e", {}) for r in first.get("runs", []) if r["variant"] == "fast"), {})
+    e2e = _fast_result(first, "e2e")
     wait = e2e.get("data_wait_fraction", {}).get("median")
     vs_ref = first.get("ratios", {}).get("fast", {}).get("e2e")
     rows = [{"model": models[0], "target": f"e2e >= {E2E_TARGET:.0f} source images/s (moonshot {E2E_MOONSHOT:.0f})",

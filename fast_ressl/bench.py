@@ -899,9 +899,10 @@ def result_cells(mode: str, variant: str, res: Dict[str, Any], ratios: Dict[str,
         details.append(f"networks {100 * tb['networks_share']:.0f}% of the step")
     if tb:
         from .breakdown import report_busy_fraction  # torch: a step report's reader has it
-    busy = report_busy_fraction(tb) if tb else None
-    if busy is not None:
-        details.append(f"GPU busy {100 * busy:.0f}%")
+
+        busy = report_busy_fraction(tb)
+        if busy is not None:
+            details.append(f"GPU busy {100 * busy:.0f}%")
     if res.get("epoch_boundaries_timed"):
         builds = f", {res['sync_builds_timed']} sync builds" if res.get("sync_builds_timed") else ""
         details.append(f"{res['epoch_boundaries_timed']} epoch boundaries timed{builds}")
