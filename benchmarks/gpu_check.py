@@ -813,7 +813,53 @@ def name_bound(model: str, report: Dict[str, Any], first: Dict[str, Any]) -> Opt
         out["bound"] = "augmentation" if noaug > 1.1 * loader else "decoder"
         out["evidence"] = (f"loader alone {loader:.0f} < step alone {step:.0f} images/s; without the student "
                            f"view's colour/blur ops {noaug:.0f} ({noaug / loader:.2f}x)")
+    shared = what_is_shared(_fast_result(report, "step"), _fast_result(report, "e2e")) if slowed else None
+    if shared:  # the step slowed beside the loader: what the two share, from the e2e profile
+        out["shared"] = shared["shared"]
+        out["evidence"] += "; " + shared["evidence"]
     return out
+
+
+# A mechanism is named when its share of the profiled e2e step (or the step kernels' growth over the
+# step alone) passes this: a margin for what torch.profiler itself adds to a profiled step (CUPTI's
+# per-kernel records; not measured on a GPU yet: each report gives the profiled window per step
+# beside the timed step, to check it against).
+SHARED_MARGIN = 0.10
+
+
+def what_is_shared(step: Dict[str, Any], e2e: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """What the step shares with the loader end to end, from the e2e result's device timeline
+    (`gpu_timeline`) and host CPU (`host_cpu`) against the step alone's kernel time
+    (`time_breakdown.kernel_ms_per_step`): a list of
+    - "SMs": the step's own kernels run > SHARED_MARGIN longer beside the loader's;
+    - "the loader's batch on the device": the step's streams idle while only the loader's work runs
+      for > SHARED_MARGIN of the step (the step waits on the loader's event, or the two serialize);
+    - "the host": the GPU idles > SHARED_MARGIN of the step;
+    with the figures as `evidence`. None without a timeline."""
+    tl = e2e.get("gpu_timeline") or {}
+    if "training_kernel_ms" not in tl:
+        return None
+    window = tl["window_ms_per_step"]
+    alone = (step.get("time_breakdown") or {}).get("kernel_ms_per_step")
+    shared, parts = [], []
+    if alone:
+        growth = tl["training_kernel_ms"] / alone - 1
+        parts.append(f"the step's kernels take {tl['training_kernel_ms']:.1f} ms per step beside the loader "
+                     f"against {alone:.1f} alone ({growth:+.0%})")
+        if growth > SHARED_MARGIN:
+            shared.append("SMs")
+    parts.append(f"the loader's kernels {tl['loader_kernel_ms']:.1f} ms ({tl['overlap_ms']:.1f} ms overlapping "
+                 f"the step's); the step's streams idle {tl['training_idle_while_loader_ms']:.1f} ms while only the "
+                 f"loader's run; the GPU idles {tl['idle_ms']:.1f} ms of a {window:.1f} ms profiled step")
+    if window > 0 and tl["training_idle_while_loader_ms"] > SHARED_MARGIN * window:
+        shared.append("the loader's batch on the device")
+    if window > 0 and tl["idle_ms"] > SHARED_MARGIN * window:
+        shared.append("the host")
+    cpu = e2e.get("host_cpu") or {}
+    if cpu.get("machine_busy_cores") is not None:
+        parts.append(f"CPU: {cpu['machine_busy_cores']:.1f} of {cpu.get('machine_cores', cpu['cores'])} cores busy, "
+                     f"the loop's thread {cpu['main_thread_cores']:.2f}")
+    return {"shared": shared, "evidence": "; ".join(parts)}
 
 
 def bench_reports(runner: Runner, models: List[str]) -> Dict[str, Dict[str, Any]]:

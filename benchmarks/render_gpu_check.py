@@ -67,7 +67,8 @@ def render(out: Path) -> str:
     if found:
         lines += ["", "### What limits each model end to end (fast path)", ""]
         lines += _table(["model", "bound", "e2e / min(step, loader)", "evidence"],
-                        [[b["model"], b["bound"], b.get("e2e_vs_min_alone", "-"), b["evidence"]]
+                        [[b["model"], b["bound"] + (f" ({', '.join(b['shared'])})" if b.get("shared") else ""),
+                          b.get("e2e_vs_min_alone", "-"), b["evidence"]]
                          for b in found])
     for path in sorted(out.glob("bench_*.json")) + sorted(out.glob("tune_*.json")):
         lines += ["", f"### {path.stem} (`{path.name}`)", "", render_results.render(json.loads(path.read_text()))]

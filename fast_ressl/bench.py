@@ -55,6 +55,17 @@ from an empty pool) and the process's RSS growth (`host_rss_growth_mb`, DALI's p
 part of it). On CPU the process's max RSS so far (a high-water mark: it never goes down within one
 process).
 
+Host CPU (every mode, over the timed repeats, `host_cpu`): the cores kept busy by the thread that
+runs the loop, by this process (DALI's threads included) and by the whole machine (/proc/stat:
+DataLoader workers included). Where the step shares the machine with the loader, this says whether
+the CPU is what they share.
+
+Device timeline (e2e on a GPU, after the timed repeats, `gpu_timeline`): three steps under
+torch.profiler, split by stream: the streams torch's ops launch on (the step) against the rest (the
+loader's own streams); per step, the step's kernel time (compare with the step alone's
+`time_breakdown.kernel_ms_per_step`), the loader's, how much of them overlap, how long the step's
+streams idle while only the loader's work runs, and how long the GPU idles (`breakdown.device_timeline`).
+
 Ops per step (step and e2e, measured after the timed repeats, never inside them):
 `opcount.step_op_counts` profiles ordinary steps of the same Loop: the top-level aten ops a step
 issues, those of the networks alone, and the difference (`bookkeeping_ops`, by op in
@@ -120,6 +131,8 @@ TORCH_DEFAULT_BACKENDS = {"cudnn.benchmark": False, "cudnn.allow_tf32": True, "c
 # and breakdown.step_breakdown (step mode) likewise.
 _OPCOUNT_STEPS = 3
 _BREAKDOWN_STEPS = 3
+# Steps breakdown.e2e_timeline profiles in e2e mode on a GPU (in place of the step breakdown).
+_TIMELINE_STEPS = 3
 
 
 @dataclass
@@ -421,6 +434,53 @@ class _MemoryProbe:
                                       "lazily loaded kernels (mem_get_info - memory_reserved)"}
 
 
+def _machine_cpu_jiffies() -> Optional[tuple]:
+    """(busy, total, CPUs) from /proc/stat (Linux; in a container, the host's): jiffies of all CPUs
+    since boot, and how many CPUs its summary line adds up; None where it cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+        fields = [int(x) for x in lines[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    cpus = sum(1 for line in lines[1:] if line.startswith("cpu") and line[3:4].isdigit())
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
+    return total - idle, total, cpus
+
+
+class _HostCPU:
+    """Host CPU over a timed region, in cores (1.0 = one core busy all the time):
+    - main_thread_cores: the thread that runs the loop (Python, op dispatch, kernel launches of the
+      forward, loss and optimizer; the backward's launches run on autograd's device thread on a GPU).
+      Near 1.0 where the GPU idles: the step is host-bound;
+    - process_cores: every thread of this process (DALI's worker threads are in it; a torch
+      DataLoader's worker processes are not), of the `cores` it may run on;
+    - machine_busy_cores of machine_cores: the whole machine (/proc/stat), which does count
+      DataLoader workers. Near machine_cores: the loader's threads and the step compete for the CPU.
+    Why: on the first H200 run the small backbones ran end to end at 0.65-0.77x their steps alone
+    beside a loader with 12 threads on 16 cores, and nothing measured the CPU."""
+
+    def __enter__(self):
+        self.wall0, self.thread0 = time.perf_counter(), time.thread_time()
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        self.proc0 = ru.ru_utime + ru.ru_stime
+        self.machine0 = _machine_cpu_jiffies()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.wall0
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        self.report = {"main_thread_cores": round((time.thread_time() - self.thread0) / wall, 3),
+                       "process_cores": round((ru.ru_utime + ru.ru_stime - self.proc0) / wall, 3),
+                       "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+        machine = _machine_cpu_jiffies()
+        if self.machine0 is not None and machine is not None and machine[1] > self.machine0[1]:
+            self.report["machine_busy_cores"] = round(
+                (machine[0] - self.machine0[0]) / (machine[1] - self.machine0[1]) * machine[2], 2)
+            self.report["machine_cores"] = machine[2]
+
+
 def _peak_memory_mb(device: torch.device) -> Dict[str, Any]:
     import torch
 
@@ -514,12 +574,13 @@ def bench_loader(cfg: Config, s: BenchSettings, variant: Optional[Variant] = Non
         mem.sample()
         builds, wait0 = _loader_builds(loader), getattr(loader, "ahead_wait_s", 0.0)
         rates = []
-        for _ in range(s.repeats):
-            with _Timer(dev) as t:
-                for _ in range(s.iters):
-                    out = fetch()
-            rates.append(s.iters * batch_size / t.seconds)
-            del out
+        with _HostCPU() as cpu:
+            for _ in range(s.repeats):
+                with _Timer(dev) as t:
+                    for _ in range(s.iters):
+                        out = fetch()
+                rates.append(s.iters * batch_size / t.seconds)
+                del out
         mem.sample()
         boundaries = _boundary_report(loader, warmup, warmup + s.iters * s.repeats, builds, wait0)
         gpu = _loader_gpu_share(fetch, s.iters, 1000 * batch_size / statistics.median(rates)) \
@@ -528,7 +589,8 @@ def bench_loader(cfg: Config, s: BenchSettings, variant: Optional[Variant] = Non
         _close_loader(loader)
     del it, loader
     return {"unit": "source images/s", **summarize(rates), "pooled": pooled_rate(rates), "batch_size": batch_size,
-            "loader": cfg.data.loader, "device": str(dev), **boundaries, **mem.report(), **gpu}
+            "loader": cfg.data.loader, "device": str(dev), **boundaries, **mem.report(), **gpu,
+            "host_cpu": cpu.report}
 
 
 def _loader_gpu_share(fetch, batches: int, batch_ms: float) -> Dict[str, Any]:
@@ -563,6 +625,17 @@ def _loader_gpu_share(fetch, batches: int, batch_ms: float) -> Dict[str, Any]:
             "loader_gpu_share": round(min(1.0, ms / batch_ms), 4) if batch_ms > 0 else None,
             "loader_gpu_kind": f"device time of all kernels and copies per batch over {batches} batches "
                                "under torch.profiler, over a batch's wall time in the timed repeats"}
+
+
+def _e2e_timeline(loop: Any) -> Dict[str, Any]:
+    """breakdown.e2e_timeline over _TIMELINE_STEPS steps; a profiler that fails leaves
+    `timeline_error` (a diagnostic: the throughput figures are measured already)."""
+    from .breakdown import e2e_timeline
+
+    try:
+        return e2e_timeline(loop, _TIMELINE_STEPS)
+    except Exception as e:  # noqa: BLE001
+        return {"timeline_error": f"{type(e).__name__}: {e}"[:300]}
 
 
 def build_models(cfg: Config, env: Any) -> tuple:
@@ -614,7 +687,7 @@ def bench_train(cfg: Config, s: BenchSettings, variant: Variant, mode: str) -> D
     # cudagraph trees run a graph eagerly once, record it on the second call, replay from the third)
     warmup = max(3 if wants_cudagraphs(cfg.model.compile, cfg.model.compile_mode, dev) else 1, s.warmup)
     total_steps = max(cfg.train.epochs * steps_per_epoch,
-                      warmup + s.iters * s.repeats + _OPCOUNT_STEPS + _BREAKDOWN_STEPS + 2)
+                      warmup + s.iters * s.repeats + _OPCOUNT_STEPS + max(_BREAKDOWN_STEPS, _TIMELINE_STEPS) + 2)
     batch_size = cfg.train.batch_size
     ema_fn = reference_ema_ if variant.ema == "python-loop" else None
     with tempfile.TemporaryDirectory(prefix="fast-ressl-bench-") as tmp:
@@ -636,12 +709,13 @@ def bench_train(cfg: Config, s: BenchSettings, variant: Variant, mode: str) -> D
             flags = backend_flags()
             builds, wait0 = _loader_builds(loader), getattr(loader, "ahead_wait_s", 0.0)
             rates, waits = [], []
-            for _ in range(s.repeats):
-                timed.wait_s = 0.0
-                with _Timer(dev) as t:
-                    loop.run(state.step + s.iters)
-                rates.append(s.iters * batch_size / t.seconds)
-                waits.append(min(1.0, timed.wait_s / t.seconds))
+            with _HostCPU() as cpu:
+                for _ in range(s.repeats):
+                    timed.wait_s = 0.0
+                    with _Timer(dev) as t:
+                        loop.run(state.step + s.iters)
+                    rates.append(s.iters * batch_size / t.seconds)
+                    waits.append(min(1.0, timed.wait_s / t.seconds))
             mem.sample()
             peak = _peak_memory_mb(dev)
             boundaries = _boundary_report(loader, warmup, state.step, builds, wait0)
@@ -653,6 +727,8 @@ def bench_train(cfg: Config, s: BenchSettings, variant: Variant, mode: str) -> D
                 ops["cudagraphs"] = cudagraphs
             if mode == "step":  # where the step's time goes (e2e adds the data wait, reported apart)
                 ops["time_breakdown"] = step_breakdown(loop, 1000 * batch_size / statistics.median(rates))
+            elif dev.type == "cuda":  # e2e: the step's kernels beside the loader's
+                ops["gpu_timeline"] = _e2e_timeline(loop)
         finally:
             meter.close()
             _close_loader(loader)
@@ -663,7 +739,7 @@ def bench_train(cfg: Config, s: BenchSettings, variant: Variant, mode: str) -> D
            "flops_per_image": fpi, "tflops": statistics.median(rates) * fpi / 1e12,
            **peak, **mem.report(), **ops, "optimizer": optim_desc, "ema": variant.ema,
            "teacher_bn": bn_policy, "teacher_sync_bn_layers": teacher_sync_bn, "backend_flags": flags,
-           "device": str(dev), **boundaries,
+           "device": str(dev), **boundaries, "host_cpu": cpu.report,
            # a process group (several ranks, or one with FAST_RESSL_DDP_ONE_RANK=1): DDP's costs are in
            "process_group": torch.distributed.get_backend() if env.distributed else None}
     if mode == "e2e":
@@ -906,6 +982,18 @@ def result_cells(mode: str, variant: str, res: Dict[str, Any], ratios: Dict[str,
     if res.get("epoch_boundaries_timed"):
         builds = f", {res['sync_builds_timed']} sync builds" if res.get("sync_builds_timed") else ""
         details.append(f"{res['epoch_boundaries_timed']} epoch boundaries timed{builds}")
+    tl = res.get("gpu_timeline") or {}
+    if "training_kernel_ms" in tl:
+        details.append(f"GPU per step: the step's kernels {tl['training_kernel_ms']:.1f} ms, the loader's "
+                       f"{tl['loader_kernel_ms']:.1f} ms ({tl['overlap_ms']:.1f} ms overlapping), step streams "
+                       f"idle while the loader's run {tl['training_idle_while_loader_ms']:.1f} ms, "
+                       f"GPU idle {tl['idle_ms']:.1f} ms")
+    cpu = res.get("host_cpu")
+    if cpu:
+        machine = (f", machine {cpu['machine_busy_cores']:.1f} of {cpu.get('machine_cores', cpu['cores'])}"
+                   if cpu.get("machine_busy_cores") is not None else "")
+        details.append(f"CPU cores busy: main thread {cpu['main_thread_cores']:.2f}, process "
+                       f"{cpu['process_cores']:.1f}{machine}")
     if res.get("loader_gpu_share") is not None:
         details.append(f"loader's GPU work {res['loader_gpu_ms_per_batch']:.1f} ms/batch "
                        f"({100 * res['loader_gpu_share']:.0f}% of the GPU at this rate)")

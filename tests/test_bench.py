@@ -56,6 +56,14 @@ def _check_result(res, mode):
         FAST["warmup"], FAST["warmup"] + FAST["iters"] * FAST["repeats"], res["steps_per_epoch"])
     if mode == "e2e":
         assert 0.0 <= res["data_wait_fraction"]["median"] <= 1.0
+        assert "gpu_timeline" not in res  # a GPU profile: none on the CPU
+    # host CPU over the timed repeats (cores: 1.0 = one core all the time): the loop's thread ran
+    # the step or the fetches, so it was busy; /proc/stat saw at least this process's work (2%
+    # slack: jiffies are 10 ms ticks)
+    cpu = res["host_cpu"]
+    assert 0 < cpu["main_thread_cores"] <= 1.05 and cpu["main_thread_cores"] <= cpu["process_cores"] * 1.05
+    assert cpu["cores"] >= 1 and cpu["process_cores"] <= cpu["cores"] * 1.05
+    assert 0 < cpu["machine_busy_cores"] <= cpu["machine_cores"] * 1.02
 
 
 def _check_schema(report, modes, variants):
@@ -522,3 +530,110 @@ def test_pooled_rate_is_all_images_over_all_time():
     assert "all windows pooled 1692.1 images/s" in bench.result_cells("loader", "reference", res, {})[-1]
     res.update(spread_pct=2.0)
     assert "pooled" not in bench.result_cells("loader", "reference", res, {})[-1]
+
+
+def test_host_cpu_counts_the_threads_of_the_process_and_the_machine():
+    """_HostCPU against known work: the loop's thread sleeps while two other threads spin (numpy
+    releases the GIL in large sorts). Checked against the spinning threads' own CPU clocks, not
+    against an expected load, so a busy machine cannot fail it: the main thread reads ~0, the
+    process at least what the two threads used, the machine at least what the process used."""
+    import threading
+    import time
+
+    stop, used = threading.Event(), {}
+
+    def spin(k):
+        clock = time.pthread_getcpuclockid(threading.get_ident())
+        a = np.random.default_rng(0).random(1_000_000)
+        start.wait()
+        t0 = time.clock_gettime(clock)
+        while not stop.is_set():
+            np.sort(a)
+        used[k] = time.clock_gettime(clock) - t0
+
+    start = threading.Event()
+    threads = [threading.Thread(target=spin, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    t0 = time.perf_counter()
+    with bench._HostCPU() as cpu:
+        start.set()
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join()
+    wall = time.perf_counter() - t0
+    r = cpu.report
+    assert r["main_thread_cores"] < 0.1
+    spun = sum(used.values()) / wall  # cores the two threads used
+    assert spun > 0.1  # they ran
+    assert spun * 0.95 <= r["process_cores"] <= spun + 0.2  # + the main thread and torch's idle threads
+    # /proc/stat counts in 10 ms ticks per CPU
+    assert r["process_cores"] * 0.9 - 0.05 <= r["machine_busy_cores"] <= r["machine_cores"] * 1.02
+    row = bench.result_cells("e2e", "fast", {"median": 1.0, "min": 1.0, "max": 1.0, "spread_pct": 0.0,
+                                               "host_cpu": r}, {})
+    assert f"CPU cores busy: main thread {r['main_thread_cores']:.2f}, process {r['process_cores']:.1f}" in row[-1]
+
+
+def test_device_timeline_splits_the_step_from_the_loader():
+    """Hand-made device events (stream, start, end in ns, launched by a torch op): stream 7 is the
+    step's (one of its events is linked to an op; its unlinked memset counts too), streams 20 and 21
+    the loader's. Over 2 steps and a window of 0..100 ms:
+    step  [0,30) [25,40) [60,90)  -> kernels 30+15+30 = 75 ms, busy [0,40) [60,90) = 70 ms
+    loader [35,50) on 20, [45,55) [99,100) on 21 -> kernels 26 ms, busy [35,55) [99,100) = 21 ms
+    overlap [35,40) = 5 ms; the step idle while the loader runs 16 ms; nothing runs [55,60) and
+    [90,99) = 14 ms. Halved: per step."""
+    from fast_ressl.breakdown import device_timeline
+
+    ms = 1_000_000
+    events = [(7, 0, 30 * ms, True), (7, 25 * ms, 40 * ms, False), (7, 60 * ms, 90 * ms, True),
+              (20, 35 * ms, 50 * ms, False), (21, 45 * ms, 55 * ms, False), (21, 99 * ms, 100 * ms, False)]
+    tl = device_timeline(events, 2)
+    assert tl == {"profiled_steps": 2, "window_ms_per_step": 50.0, "training_streams": 1, "loader_streams": 2,
+                  "training_kernel_ms": 37.5, "training_busy_ms": 35.0, "loader_kernel_ms": 13.0,
+                  "loader_busy_ms": 10.5, "overlap_ms": 2.5, "training_idle_while_loader_ms": 8.0,
+                  "idle_ms": 7.0}
+    assert device_timeline([], 2) == {"timeline_error": "the profiler recorded no device events"}
+    assert "no device event was linked" in device_timeline([(20, 0, ms, False)], 1)["timeline_error"]
+    row = bench.result_cells("e2e", "fast", {"median": 1.0, "min": 1.0, "max": 1.0, "spread_pct": 0.0,
+                                               "gpu_timeline": tl}, {})
+    assert ("GPU per step: the step's kernels 37.5 ms, the loader's 13.0 ms (2.5 ms overlapping), step streams "
+            "idle while the loader's run 8.0 ms, GPU idle 7.0 ms") in row[-1]
+
+
+def test_e2e_timeline_reads_the_profilers_own_events():
+    """e2e_timeline profiles real steps and reads kineto's events (stream, start, duration, linked
+    op) through the calls torch has; on the CPU none of them is a device event, which it says."""
+    import types
+
+    import torch
+    from fast_ressl.breakdown import e2e_timeline
+
+    state = types.SimpleNamespace(step=0)
+
+    def run(until):
+        while state.step < until:
+            torch.randn(64, 64).matmul(torch.randn(64, 64)).sum()
+            state.step += 1
+
+    loop = types.SimpleNamespace(env=types.SimpleNamespace(device=torch.device("cpu")), s=state, run=run)
+    assert e2e_timeline(loop, 3) == {"timeline_error": "the profiler recorded no device events"}
+    assert state.step == 3
+
+
+@pytest.mark.gpu
+def test_gpu_bench_sees_the_loaders_kernels_beside_the_step(tmp_path, bench_data):
+    """On a GPU the loader mode's profile finds DALI's own kernels (launched by its threads, outside
+    any torch op) and the e2e device timeline splits them from the step's: the figures gpu_check
+    names what the small backbones share with the loader from."""
+    root, _ = bench_data
+    s = bench.BenchSettings(modes=["loader", "e2e"], variants=["fast"], data=str(root),
+                            out=str(tmp_path / "b.json"), **FAST)
+    report = bench.run_bench(None, TINY + ["run.device=cuda"], s)
+    res = report["runs"][0]["results"]
+    assert res["loader"]["loader_gpu_ms_per_batch"] > 0, res["loader"]
+    tl = res["e2e"]["gpu_timeline"]
+    assert tl["training_kernel_ms"] > 0 and tl["loader_kernel_ms"] > 0 and tl["loader_streams"] >= 1, tl
+    assert 0 <= tl["overlap_ms"] <= min(tl["training_busy_ms"], tl["loader_busy_ms"]) + 1e-3
+    assert tl["idle_ms"] >= 0 and tl["window_ms_per_step"] > 0
+    assert res["e2e"]["host_cpu"]["process_cores"] > 0

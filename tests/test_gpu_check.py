@@ -491,6 +491,24 @@ def test_bound_named_from_step_loader_and_the_loader_without_augmentation():
     h200["runs"][0]["results"]["loader"].update(loader_gpu_share=0.41, loader_gpu_ms_per_batch=8.5)
     b = gpu_check.name_bound("mobilenetv3_large_100", mnv3, h200)
     assert "the loader alone keeps the GPU 41% busy (8.5 ms of kernels and copies per batch)" in b["evidence"]
+    assert "shared" not in b  # no device timeline in these reports
+    # with the e2e device timeline and host CPU, and the step alone's kernel time: what is shared
+    mnv3["runs"][0]["results"]["step"]["time_breakdown"] = {"kernel_ms_per_step": 43.5}
+    mnv3["runs"][0]["results"]["e2e"].update(
+        gpu_timeline={"window_ms_per_step": 80.0, "training_kernel_ms": 52.2, "loader_kernel_ms": 20.0,
+                      "overlap_ms": 6.0, "training_idle_while_loader_ms": 12.0, "idle_ms": 4.0},
+        host_cpu={"main_thread_cores": 0.71, "process_cores": 11.5, "machine_busy_cores": 15.2, "cores": 16})
+    b = gpu_check.name_bound("mobilenetv3_large_100", mnv3, h200)
+    assert b["shared"] == ["SMs", "the loader's batch on the device"]  # +20% kernels; 15% idle on the loader
+    assert ("the step's kernels take 52.2 ms per step beside the loader against 43.5 alone (+20%); the loader's "
+            "kernels 20.0 ms (6.0 ms overlapping the step's); the step's streams idle 12.0 ms while only the loader's "
+            "run; the GPU idles 4.0 ms of a 80.0 ms profiled step; CPU: 15.2 of 16 cores busy, the loop's thread "
+            "0.71") in b["evidence"]
+    mnv3["runs"][0]["results"]["e2e"]["gpu_timeline"].update(training_kernel_ms=44.0, training_idle_while_loader_ms=2.0,
+                                                             idle_ms=20.0)
+    assert gpu_check.name_bound("mobilenetv3_large_100", mnv3, h200)["shared"] == ["the host"]
+    mnv3["runs"][0]["results"]["e2e"]["gpu_timeline"] = {"timeline_error": "the profiler recorded no device events"}
+    assert "shared" not in gpu_check.name_bound("mobilenetv3_large_100", mnv3, h200)
     mnv3["runs"][0]["results"]["e2e"]["data_wait_fraction"] = {"median": 0.2}  # waits for batches
     b = gpu_check.name_bound("mobilenetv3_large_100", mnv3, h200)
     assert b["bound"].startswith("data") and "waits 20.0% of its time" in b["evidence"]
