@@ -746,7 +746,8 @@ def next_call(a: argparse.Namespace, args: List[str], runner: Runner) -> Dict[st
         if not args[i].startswith("--skip="):
             keep.append(args[i])
         i += 1
-    cmd = " ".join(["bash", "benchmarks/gpu_check.sh", *keep] + (["--skip", ",".join(skip)] if skip else []))
+    # quoted: a --pytest-k expression has spaces ("a or b")
+    cmd = shlex.join(["bash", "benchmarks/gpu_check.sh", *keep] + (["--skip", ",".join(skip)] if skip else []))
     return {"left": left, "command": cmd if left else None}
 
 

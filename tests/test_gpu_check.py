@@ -263,6 +263,11 @@ def test_the_next_call_skips_what_passed_and_keeps_the_other_arguments():
     nxt = gpu_check.next_call(gpu_check.parse_args(args), args, runner)
     assert nxt == {"left": ["pytest", "bench_efficientnet_b0", "resume"],
                    "command": "bash benchmarks/gpu_check.sh --budget 400 --skip tune,bench_resnet50,sync"}
+    # a -k expression with spaces stays one argument in the printed command
+    args = ["--pytest-k", "test_a or test_b", "--skip", "tune"]
+    nxt = gpu_check.next_call(gpu_check.parse_args(args), args, runner)
+    assert nxt["command"] == ("bash benchmarks/gpu_check.sh --pytest-k 'test_a or test_b' "
+                              "--skip tune,bench_resnet50,sync")
 
 
 def test_resume_check_runs_keep_the_inherited_pythonpath(monkeypatch):
