@@ -162,8 +162,10 @@ def device_timeline(events: List[Tuple[int, int, int, bool]], steps: int) -> Dic
 
     The training streams are those on which at least one event was launched inside a torch op (the
     profiler links it to the op); every other stream is the loader's (DALI's own streams: its
-    threads launch outside any torch op). Per step, in ms, over the window from the first to the
-    last device event:
+    threads launch outside any torch op). Per step, in ms, over the window from the step's first
+    device event to its last; the loader's events are cut to it (DALI keeps filling its prefetch
+    queue after the profiled steps end, and may be busy before their first kernel: outside the
+    window that is not time the step lost):
     - training_kernel_ms: summed durations on the training streams (compare with the step alone's
       kernel_ms_per_step: longer beside the loader = the two share SMs / memory bandwidth);
     - training_busy_ms / loader_busy_ms: time with at least one event running on those streams;
@@ -178,9 +180,10 @@ def device_timeline(events: List[Tuple[int, int, int, bool]], steps: int) -> Dic
         return {"timeline_error": "no device event was linked to a torch op (the profiler could not "
                                   "correlate kernels with ops)"}
     train = [(a, b) for s, a, b, _ in events if s in train_streams]
-    other = [(a, b) for s, a, b, _ in events if s not in train_streams]
+    w0, w1 = min(a for a, _ in train), max(b for _, b in train)
+    other = [(max(a, w0), min(b, w1)) for s, a, b, _ in events if s not in train_streams and a < w1 and b > w0]
     mt, mo = _merge(train), _merge(other)
-    window = max(b for _, _, b, _ in events) - min(a for _, a, _, _ in events)
+    window = w1 - w0
     busy_all = _length(_merge(train + other))
     overlap = _intersection(mt, mo)
     per = 1e6 * steps  # ns -> ms per step

@@ -578,27 +578,32 @@ def test_host_cpu_counts_the_threads_of_the_process_and_the_machine():
 def test_device_timeline_splits_the_step_from_the_loader():
     """Hand-made device events (stream, start, end in ns, launched by a torch op): stream 7 is the
     step's (one of its events is linked to an op; its unlinked memset counts too), streams 20 and 21
-    the loader's. Over 2 steps and a window of 0..100 ms:
+    the loader's. Over 2 steps, in the step's window [0, 90) ms:
     step  [0,30) [25,40) [60,90)  -> kernels 30+15+30 = 75 ms, busy [0,40) [60,90) = 70 ms
-    loader [35,50) on 20, [45,55) [99,100) on 21 -> kernels 26 ms, busy [35,55) [99,100) = 21 ms
-    overlap [35,40) = 5 ms; the step idle while the loader runs 16 ms; nothing runs [55,60) and
-    [90,99) = 14 ms. Halved: per step."""
+    loader [35,50) on 20, [45,55) on 21 -> kernels 25 ms, busy [35,55) = 20 ms; its [95,100)
+    after the step's last kernel (prefetching) and [-10,-5) before its first are cut off
+    overlap [35,40) = 5 ms; the step idle while the loader runs 15 ms; nothing runs [55,60) = 5 ms.
+    Halved: per step."""
     from fast_ressl.breakdown import device_timeline
 
     ms = 1_000_000
     events = [(7, 0, 30 * ms, True), (7, 25 * ms, 40 * ms, False), (7, 60 * ms, 90 * ms, True),
-              (20, 35 * ms, 50 * ms, False), (21, 45 * ms, 55 * ms, False), (21, 99 * ms, 100 * ms, False)]
+              (20, 35 * ms, 50 * ms, False), (21, 45 * ms, 55 * ms, False), (21, 95 * ms, 100 * ms, False),
+              (20, -10 * ms, -5 * ms, False)]
     tl = device_timeline(events, 2)
-    assert tl == {"profiled_steps": 2, "window_ms_per_step": 50.0, "training_streams": 1, "loader_streams": 2,
-                  "training_kernel_ms": 37.5, "training_busy_ms": 35.0, "loader_kernel_ms": 13.0,
-                  "loader_busy_ms": 10.5, "overlap_ms": 2.5, "training_idle_while_loader_ms": 8.0,
-                  "idle_ms": 7.0}
+    assert tl == {"profiled_steps": 2, "window_ms_per_step": 45.0, "training_streams": 1, "loader_streams": 2,
+                  "training_kernel_ms": 37.5, "training_busy_ms": 35.0, "loader_kernel_ms": 12.5,
+                  "loader_busy_ms": 10.0, "overlap_ms": 2.5, "training_idle_while_loader_ms": 7.5,
+                  "idle_ms": 2.5}
+    # a loader kernel running across the window's edge counts only inside it
+    edge = device_timeline([(7, 0, 10 * ms, True), (20, 5 * ms, 30 * ms, False)], 1)
+    assert (edge["loader_kernel_ms"], edge["overlap_ms"], edge["window_ms_per_step"]) == (5.0, 5.0, 10.0)
     assert device_timeline([], 2) == {"timeline_error": "the profiler recorded no device events"}
     assert "no device event was linked" in device_timeline([(20, 0, ms, False)], 1)["timeline_error"]
     row = bench.result_cells("e2e", "fast", {"median": 1.0, "min": 1.0, "max": 1.0, "spread_pct": 0.0,
                                                "gpu_timeline": tl}, {})
-    assert ("GPU per step: the step's kernels 37.5 ms, the loader's 13.0 ms (2.5 ms overlapping), step streams "
-            "idle while the loader's run 8.0 ms, GPU idle 7.0 ms") in row[-1]
+    assert ("GPU per step: the step's kernels 37.5 ms, the loader's 12.5 ms (2.5 ms overlapping), step streams "
+            "idle while the loader's run 7.5 ms, GPU idle 2.5 ms") in row[-1]
 
 
 def test_e2e_timeline_reads_the_profilers_own_events():
