@@ -833,9 +833,15 @@ def what_is_shared(step: Dict[str, Any], e2e: Dict[str, Any]) -> Optional[Dict[s
     (`gpu_timeline`) and host CPU (`host_cpu`) against the step alone's kernel time
     (`time_breakdown.kernel_ms_per_step`): a list of
     - "SMs": the step's own kernels run > SHARED_MARGIN longer beside the loader's;
-    - "the loader's batch on the device": the step's streams idle while only the loader's work runs
-      for > SHARED_MARGIN of the step (the step waits on the loader's event, or the two serialize);
-    - "the host": the GPU idles > SHARED_MARGIN of the step;
+    and, where the step's streams sit idle > SHARED_MARGIN of the profiled step (its gaps: the
+    loader's work alone, or nothing at all, running):
+    - "the loader's batch on the device": the loader's kernels fill the step's gaps far more than
+      chance would (more than halfway from the loader's busy share of the step to all of them): the
+      step waits on the loader's event, or the two serialize;
+    - "the host" otherwise: gaps the loader's kernels do not explain; the host CPU figures say
+      whether the loop's thread is saturated. (The hardware JPEG decoder's work is no kernel and
+      not in the timeline: a step waiting on it also reads as gaps the loader's kernels do not
+      fill, hence "the host" is a reading, not a proof.)
     with the figures as `evidence`. None without a timeline."""
     tl = e2e.get("gpu_timeline") or {}
     if "training_kernel_ms" not in tl:
@@ -849,13 +855,14 @@ def what_is_shared(step: Dict[str, Any], e2e: Dict[str, Any]) -> Optional[Dict[s
                      f"against {alone:.1f} alone ({growth:+.0%})")
         if growth > SHARED_MARGIN:
             shared.append("SMs")
+    gaps = tl["training_idle_while_loader_ms"] + tl["idle_ms"]  # = window - the step's busy time
     parts.append(f"the loader's kernels {tl['loader_kernel_ms']:.1f} ms ({tl['overlap_ms']:.1f} ms overlapping "
-                 f"the step's); the step's streams idle {tl['training_idle_while_loader_ms']:.1f} ms while only the "
-                 f"loader's run; the GPU idles {tl['idle_ms']:.1f} ms of a {window:.1f} ms profiled step")
-    if window > 0 and tl["training_idle_while_loader_ms"] > SHARED_MARGIN * window:
-        shared.append("the loader's batch on the device")
-    if window > 0 and tl["idle_ms"] > SHARED_MARGIN * window:
-        shared.append("the host")
+                 f"the step's); the step's streams idle {gaps:.1f} ms of a {window:.1f} ms profiled step, "
+                 f"{tl['training_idle_while_loader_ms']:.1f} ms of it while the loader's kernels run")
+    if window > 0 and gaps > SHARED_MARGIN * window:
+        covered, chance = tl["training_idle_while_loader_ms"] / gaps, tl["loader_busy_ms"] / window
+        parts[-1] += f" ({covered:.0%} of the gaps; the loader runs {chance:.0%} of the step)"
+        shared.append("the loader's batch on the device" if covered > (1 + chance) / 2 else "the host")
     cpu = e2e.get("host_cpu") or {}
     if cpu.get("machine_busy_cores") is not None:
         parts.append(f"CPU: {cpu['machine_busy_cores']:.1f} of {cpu.get('machine_cores', cpu['cores'])} cores busy, "

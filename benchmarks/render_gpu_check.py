@@ -9,6 +9,7 @@ outcome, issue 11's targets, each model's bound, the bench tables); nothing is t
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Dict, List
@@ -37,7 +38,7 @@ def render(out: Path) -> str:
              f"/dev/shm {shm}, memory {m.get('mem_total_mb')} MB. Python {v.get('python')}, "
              f"torch {v.get('torch')} (CUDA {v.get('cuda')}), torchvision {v.get('torchvision')}, "
              f"DALI {v.get('nvidia.dali')}, timm {v.get('timm')}.", "",
-             f"Command: `{' '.join(rep.get('command', []))}` ({rep.get('wall_s')} s; settings: batch "
+             f"Command: `{shlex.join(rep.get('command', []))}` ({rep.get('wall_s')} s; settings: batch "
              f"{rep.get('settings', {}).get('batch')}, {rep.get('settings', {}).get('size')} px, "
              f"{rep.get('settings', {}).get('precision')}, data.num_threads {rep.get('threads')}).", "",
              "### Stages", ""]

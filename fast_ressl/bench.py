@@ -440,13 +440,14 @@ def _machine_cpu_jiffies() -> Optional[tuple]:
     try:
         with open("/proc/stat") as f:
             lines = f.read().splitlines()
-        fields = [int(x) for x in lines[0].split()[1:]]
+        # user nice system idle iowait irq softirq steal (guest time is inside user)
+        user, nice, system, idle, iowait, irq, softirq, steal = ([int(x) for x in lines[0].split()[1:9]] + [0] * 8)[:8]
     except (OSError, ValueError, IndexError):
         return None
     cpus = sum(1 for line in lines[1:] if line.startswith("cpu") and line[3:4].isdigit())
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
-    return total - idle, total, cpus
+    # steal (a hypervisor running someone else) is time this machine did not get: not busy here
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait + steal, cpus
 
 
 class _HostCPU:
@@ -471,10 +472,12 @@ class _HostCPU:
     def __exit__(self, *exc):
         wall = time.perf_counter() - self.wall0
         ru = resource.getrusage(resource.RUSAGE_SELF)
-        self.report = {"main_thread_cores": round((time.thread_time() - self.thread0) / wall, 3),
+        self.report = {"seconds": round(wall, 3),
+                       "main_thread_cores": round((time.thread_time() - self.thread0) / wall, 3),
                        "process_cores": round((ru.ru_utime + ru.ru_stime - self.proc0) / wall, 3),
                        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
         machine = _machine_cpu_jiffies()
+        # /proc/stat counts 10 ms ticks: a window shorter than a few ticks has no machine figure
         if self.machine0 is not None and machine is not None and machine[1] > self.machine0[1]:
             self.report["machine_busy_cores"] = round(
                 (machine[0] - self.machine0[0]) / (machine[1] - self.machine0[1]) * machine[2], 2)
@@ -614,8 +617,10 @@ def _loader_gpu_share(fetch, batches: int, batch_ms: float) -> Dict[str, Any]:
             for _ in range(batches):
                 fetch()
             torch.cuda.synchronize()
+        # not annotation spans (their device rows re-count the kernels they span: breakdown._profile_steps)
         dev_us = sum(ev.self_device_time_total for ev in prof.key_averages()
-                     if ev.device_type == torch.autograd.DeviceType.CUDA)
+                     if ev.device_type == torch.autograd.DeviceType.CUDA
+                     and not getattr(ev, "is_user_annotation", False))
     except Exception as e:  # noqa: BLE001 - a diagnostic: the throughput figures are measured already
         return {"loader_gpu_error": f"{type(e).__name__}: {e}"[:300]}
     if dev_us <= 0:  # CUPTI that did not attach (a warning, not an error): no figure, not 0%
