@@ -30,7 +30,8 @@ budget_left_s minus ~100 s):
             4/8/12 x 0.65/0.95): where the loader slows the step beside it, the loader alone is the
             wrong thing to tune
   tune_loader  the loader alone (fast preset) over a grid of DALI settings (`bench --sweep`,
-            --tune; default threads 4/8/12 x hw_decoder_load 0/0.65/0.95)
+            --tune; default prefetch depth 1/2/3 x hw_decoder_load 0/0.65/0.95 at the run's threads,
+            which tune_e2e sweeps end to end)
   ddp       the first model's fast step under DDP: torchrun with one rank and
             FAST_RESSL_DDP_ONE_RANK=1 (an NCCL process group of one; NCCL refuses two ranks on one
             GPU), vs the plain fast step of its bench: what DDP itself costs per GPU, before any
@@ -91,6 +92,12 @@ BENCH_TIMEOUT_S = {"first": 240.0, "other": 150.0}
 TUNE_STEP = ("model.compile=false,true", "train.precision=bf16,fp16")
 # tune_e2e's default grid (the last model end to end; its point 12 threads x 0.65 is the bench's own)
 TUNE_E2E = ("data.num_threads=4,8,12", "data.hw_decoder_load=0.65,0.95")
+# tune_loader's default grid, the loader alone at the run's threads: DALI's prefetch depth (issue 11
+# asks for it; depth 1 leaves the CPU and GPU stages of consecutive batches unoverlapped) x the
+# hardware decoder's share (0: every image on the CUDA decoder). The threads are tune_e2e's: on
+# the first H200 run the loader alone made 4x what the ResNet-50 step used, and where the loader
+# does hold a step back it is end to end, beside the step.
+TUNE_LOADER = ("data.prefetch_queue_depth=1,2,3", "data.hw_decoder_load=0,0.65,0.95")
 # Seconds a stage past its timeout gets between SIGINT (write what you have) and SIGKILL.
 GRACE_S = 10.0
 
@@ -128,7 +135,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    "the --skip of a later call that runs only what is left")
     p.add_argument("--tune", action="append", default=None, metavar="KEY=V1,V2,...",
                    help="the tune_loader stage's grid (bench --sweep; repeat per key; default "
-                   "data.num_threads=4,8,12 and data.hw_decoder_load=0,0.65,0.95)")
+                   f"{' and '.join(TUNE_LOADER)})")
     p.add_argument("--tune-step", action="append", default=None, metavar="KEY=V1,V2,...",
                    help="the tune_step stage's grid (bench --sweep; repeat per key; default "
                    f"{' and '.join(TUNE_STEP)})")
@@ -138,7 +145,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--pytest-k", default=None, metavar="EXPR",
                    help="run only the GPU tests pytest -k EXPR selects (a later call re-checking a fix)")
     a = p.parse_args(argv)
-    a.tune = a.tune or ["data.num_threads=4,8,12", "data.hw_decoder_load=0,0.65,0.95"]
+    a.tune = a.tune or list(TUNE_LOADER)
     a.tune_step = a.tune_step or list(TUNE_STEP)
     a.tune_e2e = a.tune_e2e or list(TUNE_E2E)
     return a

@@ -212,10 +212,12 @@ def test_cpu_rehearsal_runs_every_stage_and_reports(tmp_path):
 
 def test_the_default_tuning_grids():
     """tune_step: the networks compiled or not x bf16 or fp16 (why: gpu_check.TUNE_STEP's comment);
-    tune_e2e: DALI threads x hardware-decoder share; both replaced by their flags."""
+    tune_e2e: DALI threads x hardware-decoder share; tune_loader: prefetch depth x hardware-decoder
+    share (the threads are tune_e2e's); each replaced by its flag."""
     a = gpu_check.parse_args([])
     assert a.tune_step == ["model.compile=false,true", "train.precision=bf16,fp16"]
     assert a.tune_e2e == ["data.num_threads=4,8,12", "data.hw_decoder_load=0.65,0.95"]
+    assert a.tune == ["data.prefetch_queue_depth=1,2,3", "data.hw_decoder_load=0,0.65,0.95"]
     a = gpu_check.parse_args(["--tune-step", "model.compile_mode=default,reduce-overhead"])
     assert a.tune_step == ["model.compile_mode=default,reduce-overhead"]
 
