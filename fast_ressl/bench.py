@@ -608,19 +608,15 @@ def _loader_gpu_share(fetch, batches: int, batch_ms: float) -> Dict[str, Any]:
     device time leaves `loader_gpu_error` instead."""
     try:
         import torch
-        from torch.profiler import ProfilerActivity, profile
 
-        torch.cuda.synchronize()
-        # CPU too: a profiler whose CUDA side cannot start then still runs and records no device
-        # time (reported as such) instead of failing on an empty activity list
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        from .breakdown import device_work_us, profiled
+
+        def run() -> None:
             for _ in range(batches):
                 fetch()
-            torch.cuda.synchronize()
-        # not annotation spans (their device rows re-count the kernels they span: breakdown._profile_steps)
-        dev_us = sum(ev.self_device_time_total for ev in prof.key_averages()
-                     if ev.device_type == torch.autograd.DeviceType.CUDA
-                     and not getattr(ev, "is_user_annotation", False))
+
+        prof, _ = profiled(run, torch.device("cuda"))
+        dev_us = sum(device_work_us(ev) for ev in prof.key_averages())
     except Exception as e:  # noqa: BLE001 - a diagnostic: the throughput figures are measured already
         return {"loader_gpu_error": f"{type(e).__name__}: {e}"[:300]}
     if dev_us <= 0:  # CUPTI that did not attach (a warning, not an error): no figure, not 0%

@@ -50,32 +50,44 @@ def _time_ms(fn: Callable[[], None], device: torch.device, reps: int = REPS) -> 
     return statistics.median(out)
 
 
+def profiled(fn: Callable[[], None], device: torch.device) -> tuple:
+    """(profile, wall ms) of fn() under torch.profiler: CPU activity, plus CUDA on a GPU, whose
+    queued work is waited for before (not timed) and after (timed). CPU activity on a GPU too: a
+    profiler whose CUDA side cannot start then still runs and records no device time (each caller
+    reports that as such) instead of failing on an empty activity list."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.type == "cuda"
+    if gpu:
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        fn()
+        if gpu:
+            torch.cuda.synchronize(device)
+    return prof, 1000 * (time.perf_counter() - t0)
+
+
+def device_work_us(ev: Any) -> float:
+    """Self device time (us) of a key_averages row that is work on the GPU, else 0. Not the spans of
+    torch's annotations (`record_function` regions such as "Optimizer.step#SGD.step", dynamo's
+    compiled regions): kineto gives each a device row spanning its kernels, gaps included, so
+    summing it counts those kernels twice (on the first H200 run the reference's optimizer-step span
+    read 7.4-12.9 ms per step). torch's own table leaves them out of its device total too."""
+    if ev.device_type != torch.autograd.DeviceType.CUDA or getattr(ev, "is_user_annotation", False):
+        return 0.0
+    return ev.self_device_time_total
+
+
 def _profile_steps(loop: Any, steps: int, step_ms: float) -> Dict[str, Any]:
     """Device busy fraction (GPU: kernel time per step over `step_ms`, the timed step) and the top
     ops by self time over `steps` steps of the loop."""
-    from torch.profiler import ProfilerActivity, profile
-
-    dev = loop.env.device
-    gpu = dev.type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
-    if gpu:
-        torch.cuda.synchronize(dev)
-    t0 = time.perf_counter()
-    with profile(activities=acts) as prof:
-        loop.run(loop.s.step + steps)
-        if gpu:
-            torch.cuda.synchronize(dev)
-    wall_ms = 1000 * (time.perf_counter() - t0)
+    gpu = loop.env.device.type == "cuda"
+    prof, wall_ms = profiled(lambda: loop.run(loop.s.step + steps), loop.env.device)
     rows = []
     for ev in prof.key_averages():
-        self_us = ev.self_device_time_total if gpu else ev.self_cpu_time_total
-        # On a GPU, not the spans of torch's annotations (`record_function` regions such as
-        # "Optimizer.step#SGD.step", dynamo's compiled regions): kineto gives each a device row
-        # spanning its kernels, gaps included, so summing it counts those kernels twice (on the
-        # first H200 run the reference's optimizer-step span read 7.4-12.9 ms per step). torch's
-        # own table leaves them out of its device total too.
-        if self_us > 0 and (not gpu or (ev.device_type == torch.autograd.DeviceType.CUDA
-                                        and not getattr(ev, "is_user_annotation", False))):
+        self_us = device_work_us(ev) if gpu else ev.self_cpu_time_total
+        if self_us > 0:
             rows.append((self_us, ev.key, ev.count))
     rows.sort(reverse=True)
     total_us = sum(r[0] for r in rows)
@@ -229,19 +241,8 @@ def e2e_timeline(loop: Any, steps: int) -> Dict[str, Any]:
     their steps alone while the step waited for batches only 1.2-1.4% of the time, and the host's
     figures cannot say whether the loader's kernels slow the step's (shared SMs), the device waits
     on the loader's batch, or the host falls behind (CPU); this timeline separates the three."""
-    from torch.profiler import ProfilerActivity, profile
-
-    dev = loop.env.device
-    gpu = dev.type == "cuda"
-    if gpu:
-        torch.cuda.synchronize(dev)
-    # CPU activity too: a profiler whose CUDA side cannot start then records no device events
-    # (reported as such) instead of failing on an empty activity list; on the CPU (tests) it runs
-    # the same extraction over real profiler events and finds no device ones
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
-        loop.run(loop.s.step + steps)
-        if gpu:
-            torch.cuda.synchronize(dev)
+    # on the CPU (tests) the same extraction runs over real profiler events and finds no device ones
+    prof, _ = profiled(lambda: loop.run(loop.s.step + steps), loop.env.device)
     # kineto's own events: the device ones carry their stream (device_resource_id) and the torch op
     # that launched them (linked_correlation_id, 0 for a launch outside any op, e.g. DALI's threads)
     rows = [(ev.device_type(), ev.device_resource_id(), ev.start_ns(), ev.duration_ns(), ev.linked_correlation_id(),
@@ -253,7 +254,7 @@ def device_events(rows: List[Tuple[Any, int, int, int, int, bool]]) -> List[Tupl
     """device_timeline's events from kineto's (device type, stream, start ns, duration ns, linked op's
     correlation id, is an annotation): the CUDA ones with a duration, as (stream, start, end,
     launched inside a torch op), without annotation spans (kineto puts a `record_function`
-    region on the device too, spanning its kernels: not work of its own; see _profile_steps)."""
+    region on the device too, spanning its kernels: not work of its own; see device_work_us)."""
     cuda = torch.autograd.DeviceType.CUDA
     return [(stream, t0, t0 + dur, link > 0) for kind, stream, t0, dur, link, note in rows
             if kind == cuda and dur > 0 and not note]
