@@ -12,6 +12,10 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
+# torch 2.14 renamed all_gather_into_tensor to all_gather_single and made the old name warn (a
+# FutureWarning on every rank of every multi-rank run); the GPU image's torch 2.11 has only the old name
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 # "1": a single rank still makes the process group (NCCL on a GPU) and runs the multi-rank code
 # path: DDP, shuffle-BN through all_gather, the collectives of the NaN guard, checkpoints and kNN
@@ -126,7 +130,7 @@ def all_gather_cat(x: torch.Tensor, env: Env) -> torch.Tensor:
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return all_gather_cat(x.permute(0, 2, 3, 1), env).permute(0, 3, 1, 2)  # NHWC view, no copy
     out = torch.empty((env.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous())
+    _all_gather_single(out, x.contiguous())
     return out
 
 

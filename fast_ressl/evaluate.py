@@ -558,7 +558,7 @@ def gather_features(backbone: nn.Module, batches, env: Any) -> Tuple[torch.Tenso
 @contextlib.contextmanager
 def _rank0_buffers(module: nn.Module, env: Any):
     """Rank 0's buffers (BN running statistics) in `module` on every rank for the duration, each
-    rank's own restored afterwards. DDP runs with broadcast_buffers=False, so every rank's student
+    rank's own restored afterwards. DDP does not sync buffers in the forward, so every rank's student
     has its own statistics; rank 0's are the ones its checkpoint holds and `fast-ressl knn` uses, so
     all blocks are extracted with the same network."""
     if not env.distributed:

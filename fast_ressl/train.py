@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -10,7 +11,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -213,7 +214,7 @@ class State:
 
     def fingerprint(self) -> str:
         """sha256 of student and teacher parameters and the queue (+ pointer): equal on every rank
-        when in sync. BN running statistics are per rank (DDP runs with broadcast_buffers=False)."""
+        when in sync. BN running statistics are per rank (DDP does not sync buffers in the forward)."""
         h = hashlib.sha256()
         for module in (self.student, self.teacher):
             for t in module.parameters():
@@ -636,13 +637,24 @@ class Loop:
             self.cudagraph_skips.stop()
 
 
+def _no_forward_buffer_sync(ddp_class: type) -> Dict[str, bool]:
+    """DDP's keyword for "do not broadcast rank 0's buffers (BN statistics) before every forward":
+    each rank keeps its own, as in the original ReSSL. torch 2.14 names it forward_sync_buffers and
+    warns (FutureWarning, every rank, every run) on broadcast_buffers, the only name in torch <= 2.13.
+    The new keyword still syncs the buffers once at DDP's construction; they are equal on every rank
+    then (same seed, or every rank loaded rank 0's checkpoint), so that broadcast changes nothing."""
+    if "forward_sync_buffers" in inspect.signature(ddp_class.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 def _wrap_student(student: torch.nn.Module, cfg: Config, env: Env) -> torch.nn.Module:
     """DDP wraps the student only (the teacher stays a plain frozen module); then torch.compile."""
     if env.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         student = DDP(student, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                      broadcast_buffers=False)
+                      **_no_forward_buffer_sync(DDP))
     return compile_network(student, cfg.model.compile_mode) if cfg.model.compile else student
 
 
