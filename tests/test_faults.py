@@ -352,6 +352,17 @@ def test_torchrun_restart_resumes_from_the_newest_checkpoint(tmp_path):
     print(f"kill -9 to completion: {time.time() - t0:.1f} s")
 
 
+def _kill_when_logged(log, line, pid, procs, timeout=120):
+    """SIGKILL `pid` once `line` is in the file `log` (a launcher's output); give up after
+    `timeout` s or when every process in `procs` has exited."""
+    t0 = time.time()
+    while time.time() - t0 < timeout and any(p.poll() is None for p in procs):
+        if line in log.read_text(errors="replace"):
+            os.kill(pid, signal.SIGKILL)
+            return
+        time.sleep(0.05)
+
+
 def test_torchrun_restart_on_two_nodes_connects_at_once(tmp_path):
     """Two torchrun launchers (--nnodes=2, c10d rendezvous on one host), node A's worker hung and
     node B's killed. Each launcher counts its restarts itself, and one whose worker did not fail
@@ -376,6 +387,11 @@ def test_torchrun_restart_on_two_nodes_connects_at_once(tmp_path):
         # restarts it without counting a retry while node B counts one: the counts differ
         os.kill(a, signal.SIGSTOP)
         os.kill(b, signal.SIGKILL)
+        # node A's launcher, restarting for node B's new round (without counting), sends its stopped
+        # worker a SIGTERM it cannot act on and kills it 30 s later (torch's fixed grace in the
+        # restart path; --shutdown-timeout does not reach it). Do that kill as soon as the SIGTERM is
+        # sent: the same restart, 30 s sooner. Node A's launcher logs the SIGTERM to logs[0].
+        _kill_when_logged(tmp_path / "nodea.log", f"Sending process {a} closing signal SIGTERM", a, nodes)
         rcs = [p.wait(timeout=400) for p in nodes]
     finally:
         for p in nodes:
