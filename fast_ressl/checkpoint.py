@@ -5,6 +5,7 @@ import errno
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -46,7 +47,10 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """torch.load with weights_only=True: only tensors and plain containers/scalars are accepted,
     so a pickle carrying a payload is refused before anything in it runs."""
     try:
-        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS), warnings.catch_warnings():
+            # a raw pickle (not torch.save's zip: no file fast_ressl wrote) made torch warn about its
+            # protocol before the refusal below, which already names the file and the reason
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # UnpicklingError for payloads, RuntimeError/EOFError for truncation
         raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: "

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -283,8 +284,10 @@ def test_checkpoint_with_pickle_payload_is_refused(tmp_path, capsys):
         pickle.dump({"step": 1, "student": _Payload(marker)}, f)
     torch.save({"x": _Payload(marker)}, ckpt_dir / "step_00000001.pt")
     for path in (evil, ckpt_dir / "step_00000001.pt"):
-        with pytest.raises(CheckpointError):
+        with pytest.raises(CheckpointError), warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
             safe_load(path)
+        assert not seen, [str(w.message) for w in seen]  # the refusal is the one message (torch warned first)
     summary = train(load_config(None, SYNTH + [f"run.dir={tmp_path / 'run'}", "train.stop_at_step=1"]),
                     live=False)
     assert "skipping unusable checkpoint" in capsys.readouterr().out
