@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
-from .opcount import network_passes
+from .opcount import network_passes, quiet_kineto_without_cuda
 
 TOP = 10  # ops listed
 REPS = 3  # timed repetitions of each network pass
@@ -57,6 +57,7 @@ def profiled(fn: Callable[[], None], device: torch.device) -> tuple:
     reports that as such) instead of failing on an empty activity list."""
     from torch.profiler import ProfilerActivity, profile
 
+    quiet_kineto_without_cuda()
     gpu = device.type == "cuda"
     if gpu:
         torch.cuda.synchronize(device)
