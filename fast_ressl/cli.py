@@ -77,6 +77,7 @@ def quiet_irrelevant_warnings() -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fast-ressl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.set_defaults(commands=sub.choices)  # main(): a subcommand's unknown option gets its usage
 
     p = sub.add_parser("train", help="pretrain (or resume) a backbone with ReSSL",
                        description="Pretrain with ReSSL. CONFIG is a YAML recipe (differences from the "
@@ -116,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # argparse's parse_args would print the top level's usage, which lists no option
+        args.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     quiet_irrelevant_warnings()
     try:
         return args.func(args)

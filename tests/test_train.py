@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from fast_ressl.cli import main
 from fast_ressl.checkpoint import safe_load
 from fast_ressl.config import load_config
 from fast_ressl.train import ConfigMismatch, train
@@ -161,6 +162,16 @@ def test_cli_train_and_config_errors(tmp_path):
     assert "step 2/8" in out.stdout and (run / "summary.json").exists()
     bad = subprocess.run(cmd + ["train.epochz=3"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "train.epochz" in bad.stderr
+
+
+def test_an_unknown_option_shows_its_commands_usage(capsys):
+    """argparse named the option with the top level's usage ("fast-ressl [-h] COMMAND ..."), which
+    does not say what the command takes."""
+    with pytest.raises(SystemExit) as e:
+        main(["knn", "runs/x", "--data", "imgs"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "usage: fast-ressl knn" in err and "--train-root" in err
+    assert "fast-ressl knn: error: unrecognized arguments: --data imgs" in err
 
 
 def test_tensorboard_events_when_installed(tmp_path):
