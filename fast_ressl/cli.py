@@ -117,9 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args, unknown = build_parser().parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse's parse_args would print the top level's usage, which lists no option
-        args.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        before = argv[:argv.index(args.command)]  # `fast-ressl --foo train ...`: not train's option
+        (parser if any(u in before for u in unknown) else args.commands[args.command]).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     quiet_irrelevant_warnings()
     try:
         return args.func(args)

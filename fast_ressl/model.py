@@ -162,7 +162,7 @@ def flatten_buffers(modules: List[nn.Module]) -> List[torch.Tensor]:
     with torch.profiler on CPU), and `_foreach_copy_` over mixed float32/int64 lists falls back to
     one launch per tensor on CUDA. Over flat tensors it is one op per dtype. BatchNorm updates its
     statistics in place (running_mean/var, num_batches_tracked.add_), so the views keep receiving
-    them; load_state_dict copies into them in place; DDP (no buffer sync in the forward) leaves them alone.
+    them; load_state_dict copies into them in place; DDP copies rank 0's into them once, in place, at its construction, and not in the forward.
     Calling `.to(device)` on the modules afterwards would replace the views: flatten after moving.
     """
     bufs = [(mod, name, b) for m in modules for mod in m.modules() for name, b in mod._buffers.items()

@@ -639,10 +639,11 @@ class Loop:
 
 def _no_forward_buffer_sync(ddp_class: type) -> Dict[str, bool]:
     """DDP's keyword for "do not broadcast rank 0's buffers (BN statistics) before every forward":
-    each rank keeps its own, as in the original ReSSL. torch 2.14 names it forward_sync_buffers and
-    warns (FutureWarning, every rank, every run) on broadcast_buffers, the only name in torch <= 2.13.
-    The new keyword still syncs the buffers once at DDP's construction; they are equal on every rank
-    then (same seed, or every rank loaded rank 0's checkpoint), so that broadcast changes nothing."""
+    each rank keeps its own, as in the original ReSSL. Newer torch names it forward_sync_buffers and
+    deprecates broadcast_buffers (torch 2.14 prints a FutureWarning on every rank of every run); older
+    torch (the GPU image's 2.11) has only broadcast_buffers. The new keyword still broadcasts rank
+    0's buffers once, in place, at DDP's construction; they are equal on every rank then (BN's fixed
+    initial values, or every rank loaded rank 0's checkpoint), so that broadcast changes nothing."""
     if "forward_sync_buffers" in inspect.signature(ddp_class.__init__).parameters:
         return {"forward_sync_buffers": False}
     return {"broadcast_buffers": False}

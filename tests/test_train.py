@@ -172,6 +172,9 @@ def test_an_unknown_option_shows_its_commands_usage(capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "usage: fast-ressl knn" in err and "--train-root" in err
     assert "fast-ressl knn: error: unrecognized arguments: --data imgs" in err
+    with pytest.raises(SystemExit):  # one before the command is the top level's
+        main(["--data", "knn", "runs/x"])
+    assert "fast-ressl: error: unrecognized arguments: --data" in capsys.readouterr().err
 
 
 def test_tensorboard_events_when_installed(tmp_path):
