@@ -10,10 +10,12 @@ augmentations have something to act on) and written as quality-95 RGB JPEGs:
 
 The split and the tints are fixed by a seed, so every machine materialises the same files. The
 folder is written to a temporary name and renamed, so an interrupted run never leaves half a
-dataset; `data/` is git-ignored.
+dataset; `data/` is git-ignored. Processes that start together (the ranks of a torchrun job, on
+each node) take turns on a lock file beside it: the first materialises, the others find it done.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -35,6 +37,20 @@ def ensure_embedded(embedded_dir: str | os.PathLike = "data/embedded", quiet: bo
     paths = {"train": os.path.join(root, "train"), "val": os.path.join(root, "val")}
     if os.path.isfile(os.path.join(root, "DONE")):
         return paths
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    # Without the lock, two ranks of `torchrun ... configs/demo.yaml` on a fresh machine each wrote
+    # the dataset, and the second to finish deleted the first's finished copy (to rename its own
+    # over it) while the first was scanning it: "class folder .../train/2 has no decodable image".
+    with open(os.path.join(parent, f".{VERSION}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if not os.path.isfile(os.path.join(root, "DONE")):  # another process may have finished meanwhile
+            _materialise(root, parent, quiet)
+    return paths
+
+
+def _materialise(root: str, parent: str, quiet: bool) -> None:
+    """Write the dataset to a temporary folder under `parent` and rename it to `root`."""
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -46,8 +62,6 @@ def ensure_embedded(embedded_dir: str | os.PathLike = "data/embedded", quiet: bo
     for c in range(10):  # stratified split
         idx = np.flatnonzero(targets == c)
         val[rng.choice(idx, size=int(round(len(idx) * VAL_FRACTION)), replace=False)] = True
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + VERSION, dir=parent)
     try:
         for i, (img8, c) in enumerate(zip(images, targets)):
@@ -72,4 +86,3 @@ def ensure_embedded(embedded_dir: str | os.PathLike = "data/embedded", quiet: bo
     if not quiet:
         print(f"fast-ressl: materialised the embedded digits dataset in {root} "
               f"({int((~val).sum())} train / {int(val.sum())} val JPEGs)")
-    return paths

@@ -143,6 +143,43 @@ def test_embedded_digits_materialise_once_with_val_split(tmp_path):
     assert b.x_weak.shape == (64, 3, 32, 32) and b.labels.max() <= 9
 
 
+_RACER = """
+import json, os, sys, time
+from pathlib import Path
+import numpy, PIL.Image, sklearn.datasets  # imported before the start, so all start at once
+from fast_ressl.embedded import ensure_embedded
+tmp = Path(sys.argv[1])
+(tmp / f"ready{sys.argv[2]}").touch()
+while not (tmp / "go").exists():
+    time.sleep(0.005)
+paths = ensure_embedded(tmp / "emb")
+print(json.dumps([sum(len(f) for _, _, f in os.walk(paths[k])) for k in ("train", "val")]))
+"""
+
+
+def test_embedded_digits_made_once_by_processes_that_start_together(tmp_path):
+    """The ranks of a torchrun job on a fresh machine: each wrote the dataset, and the last to finish
+    deleted a finished copy under a rank that was scanning it ("class folder .../train/2 has no
+    decodable image", 2-rank demo run). Three processes start at once: one materialises, the
+    others wait for it and each finds every file."""
+    import subprocess
+    import sys
+    import time
+
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path), str(i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    t0 = time.time()
+    while not all((tmp_path / f"ready{i}").exists() for i in range(3)):
+        assert time.time() - t0 < 120 and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.01)
+    (tmp_path / "go").touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    # each saw the finished dataset (the train count includes no stray file: DONE is in the root)
+    assert [o.splitlines()[-1] for o, _ in outs] == ["[1438, 359]"] * 3, outs
+    assert sum(o.count("materialised the embedded digits") for o, _ in outs) == 1, outs
+
+
 def test_scan_command_lists_bad_files_and_writes_denylist(messy_folder, capsys):
     import argparse
 
