@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .locks import exclusive
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
 # Formats both loaders decode (DALI's CPU/GPU decoders and PIL). Anything else is reported as bad.
 DECODABLE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "MPO")
@@ -344,7 +346,8 @@ def scan_dataset(ds: FileDataset, denylist: str, num_threads: int = 4, progress:
 
 
 def _wait_for(path: str, num_files: int, root: str, timeout_s: float = 6 * 3600) -> Dict[str, str]:
-    """Rank > 0: wait until rank 0 has written a denylist for `num_files` files; return it."""
+    """A machine's other ranks: wait until its first rank has written a denylist for `num_files`
+    files; return it."""
     t0 = time.time()
     while True:
         if os.path.exists(path):
@@ -355,7 +358,7 @@ def _wait_for(path: str, num_files: int, root: str, timeout_s: float = 6 * 3600)
             except (OSError, DataError):  # being written: try again
                 pass
         if time.time() - t0 > timeout_s:
-            raise DataError(f"timed out waiting for rank 0 to write the denylist {path}")
+            raise DataError(f"timed out waiting for this machine's first rank to write the denylist {path}")
         time.sleep(1.0)
 
 
@@ -397,8 +400,12 @@ def apply_denylist(ds: FileDataset, bad: Dict[str, str], max_bad_fraction: float
 def prepare_dataset(cfg, rank: int = 0, progress: bool = True) -> FileDataset:
     """List the source, read (or create by scanning) its denylist, drop and check the bad files.
 
-    Rank 0 scans when no denylist (or a stale one: different file count) exists; other ranks wait
-    for the file. `data.denylist` overrides the denylist location; `data.scan=false` skips it.
+    When no denylist (or a stale one: different file count) exists, the first rank on each machine
+    (torchrun's LOCAL_RANK 0; `rank` without torchrun) scans and the machine's other ranks wait for
+    the file: on several nodes the denylist may be on each node's own disk (a read-only dataset's goes
+    to the cache folder), where a rank on another node would never see rank 0's. The scanners take
+    turns on a lock beside it, so with a shared folder (and working locks) one node scans.
+    `data.denylist` overrides the denylist location; `data.scan=false` skips it.
     """
     d = cfg.data
     ds = list_source(cfg)
@@ -407,20 +414,28 @@ def prepare_dataset(cfg, rank: int = 0, progress: bool = True) -> FileDataset:
     key = d.file_list if d.source == "filelist" else ds.root
     path = d.denylist or default_denylist_path(ds.root if d.source != "filelist" else
                                                os.path.dirname(os.path.abspath(d.file_list)), key)
-    bad: Optional[Dict[str, str]] = None
-    if os.path.exists(path):
-        num, bad = read_denylist(path, ds.root)
-        if num != len(ds.files):
-            bad = None  # the dataset changed since the scan
+    bad = _current_denylist(path, len(ds.files), ds.root)
     if bad is None:
-        if rank == 0:
-            if progress:
-                print(f"fast-ressl: no denylist for {key}; decoding all {len(ds.files)} files once "
-                      f"(writes {path})", file=sys.stderr)
-            bad = scan_dataset(ds, path, num_threads=d.num_threads, progress=progress)
+        if int(os.environ.get("LOCAL_RANK", rank)) == 0:
+            with exclusive(path + ".lock", waiting=f"fast-ressl: waiting for another process scanning {key} "
+                           f"(lock {path}.lock)" if progress else None):
+                bad = _current_denylist(path, len(ds.files), ds.root)  # it may have written it meanwhile
+                if bad is None:
+                    if progress:
+                        print(f"fast-ressl: no denylist for {key}; decoding all {len(ds.files)} files once "
+                              f"(writes {path})", file=sys.stderr)
+                    bad = scan_dataset(ds, path, num_threads=d.num_threads, progress=progress)
         else:
             bad = _wait_for(path, len(ds.files), ds.root)
     return apply_denylist(ds, bad, d.max_bad_fraction, where=key)
+
+
+def _current_denylist(path: str, num_files: int, root: str) -> Optional[Dict[str, str]]:
+    """The denylist at `path` if it exists and was written for `num_files` files, else None."""
+    if not os.path.exists(path):
+        return None
+    num, bad = read_denylist(path, root)
+    return bad if num == num_files else None  # a different count: the dataset changed since the scan
 
 
 def scan_command(data: str, output: Optional[str] = None, num_threads: int = 4,

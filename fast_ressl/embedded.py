@@ -15,11 +15,12 @@ each node) take turns on a lock file beside it: the first materialises, the othe
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import tempfile
 from typing import Dict
+
+from .locks import exclusive
 
 VERSION = "digits-v1"
 SIZE = 32
@@ -42,8 +43,7 @@ def ensure_embedded(embedded_dir: str | os.PathLike = "data/embedded", quiet: bo
     # Without the lock, two ranks of `torchrun ... configs/demo.yaml` on a fresh machine each wrote
     # the dataset, and the second to finish deleted the first's finished copy (to rename its own
     # over it) while the first was scanning it: "class folder .../train/2 has no decodable image".
-    with open(os.path.join(parent, f".{VERSION}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+    with exclusive(os.path.join(parent, f".{VERSION}.lock")):
         if not os.path.isfile(os.path.join(root, "DONE")):  # another process may have finished meanwhile
             _materialise(root, parent, quiet)
     return paths

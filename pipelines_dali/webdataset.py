@@ -10,15 +10,18 @@ empty or not an image is left out of the index (so DALI never reads it) and list
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
+import socket
 import sys
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Tuple
 
 from fast_ressl.datasets import DataError, check_image_bytes
+from fast_ressl.locks import exclusive
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "JPEG", "JPG")
 LABEL_EXTS = ("cls", "label")
@@ -78,20 +81,30 @@ def write_indexes(root: str, num_threads: int = 4, progress: bool = True) -> Dic
     total = 0
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
         for i, (tar, (lines, bad, n)) in enumerate(zip(tars, pool.map(_index_one, tars))):
-            tmp = tar[:-4] + ".idx.tmp"
-            with open(tmp, "w") as f:
-                f.write(f"v1.2 {len(lines)}\n" + "".join(line + "\n" for line in lines))
-            os.replace(tmp, tar[:-4] + ".idx")
+            _write_atomic(tar[:-4] + ".idx", f"v1.2 {len(lines)}\n" + "".join(line + "\n" for line in lines))
             all_bad.update(bad)
             total += n
             if progress:
                 print(f"indexed {i + 1}/{len(tars)} {os.path.basename(tar)}: {len(lines)} samples, "
                       f"{len(bad)} bad", file=sys.stderr)
-    tmp = os.path.join(root, DENYLIST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"num_samples": total, "bad": all_bad}, f, indent=1)
-    os.replace(tmp, os.path.join(root, DENYLIST))
+    _write_atomic(os.path.join(root, DENYLIST), json.dumps({"num_samples": total, "bad": all_bad}, indent=1))
     return all_bad
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Write `text` to a temporary file of a unique name beside `path`, then rename it over `path`
+    (a fixed temporary name was shared by every rank writing the same index: one rank's rename took
+    away another's file mid-write, FileNotFoundError). Not mkstemp: its files are 0600, and the
+    index files of a shared dataset must stay readable to its other users (umask applies)."""
+    tmp = f"{path}.{socket.gethostname()}-{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def list_shards(root: str, num_threads: int = 4, max_bad_fraction: float = 1.0,
@@ -102,11 +115,19 @@ def list_shards(root: str, num_threads: int = 4, max_bad_fraction: float = 1.0,
         raise DataError(f"data.root {root}: no *.tar shards")
     idx = [t[:-4] + ".idx" for t in tars]
     deny = os.path.join(root, DENYLIST)
-    if not all(os.path.exists(p) for p in idx) or not os.path.exists(deny):
-        if progress:
-            print(f"fast-ressl: writing webdataset index files in {root} (decodes every image once)",
-                  file=sys.stderr)
-        write_indexes(root, num_threads=num_threads, progress=progress)
+
+    def missing() -> bool:
+        return not all(os.path.exists(p) for p in idx) or not os.path.exists(deny)
+
+    if missing():  # every rank of a job gets here at once: one writes, the others wait, then read
+        with exclusive(os.path.join(root, DENYLIST + ".lock"),
+                       waiting=f"fast-ressl: waiting for another process writing the webdataset index files "
+                       f"in {root}" if progress else None):
+            if missing():
+                if progress:
+                    print(f"fast-ressl: writing webdataset index files in {root} (decodes every image once)",
+                          file=sys.stderr)
+                write_indexes(root, num_threads=num_threads, progress=progress)
     n = 0
     for p in idx:
         with open(p) as f:

@@ -164,3 +164,29 @@ def assert_same_batches(want, got) -> None:
     for a, b in zip(want, got):
         assert torch.equal(a.x_weak, b.x_weak) and torch.equal(a.x_strong[0], b.x_strong[0])
         assert torch.equal(a.labels, b.labels)
+
+
+def start_together(tmp: Path, code: str, envs: List[Dict[str, str]], timeout: float = 300) -> List[tuple]:
+    """Run the Python `code` in one process per entry of `envs` (added to this environment), each
+    released at the same moment after its imports: the ranks of a torchrun job reaching the same
+    first-use preparation at once. `code` runs as `python -c code TMP`; returns [(rc, stdout, stderr)]."""
+    import subprocess
+    import sys
+    import time
+
+    gate = ("import sys, time\nfrom pathlib import Path\nTMP = Path(sys.argv[1])\n"
+            "(TMP / f'ready-{__import__(\"os\").getpid()}').touch()\n"
+            "while not (TMP / 'go').exists():\n    time.sleep(0.005)\n")
+    head, _, body = code.partition("# --- start\n")  # imports before the gate, the work after it
+    procs = [subprocess.Popen([sys.executable, "-c", head + gate + body, str(tmp)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, **env}) for env in envs]
+    t0 = time.time()
+    while len(list(tmp.glob("ready-*"))) < len(procs):
+        if time.time() - t0 > timeout or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            raise AssertionError(f"not all started: {[p.communicate() for p in procs]}")
+        time.sleep(0.01)
+    (tmp / "go").touch()
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 import torch
 
-from conftest import assert_same_batches, tiny_overrides
+from conftest import assert_same_batches, start_together, tiny_overrides
 from fast_ressl.config import load_config
 from fast_ressl.data import build_loader
 from fast_ressl.data_torch import TorchEvalLoader, TorchLoader
@@ -143,41 +144,57 @@ def test_embedded_digits_materialise_once_with_val_split(tmp_path):
     assert b.x_weak.shape == (64, 3, 32, 32) and b.labels.max() <= 9
 
 
-_RACER = """
-import json, os, sys, time
-from pathlib import Path
-import numpy, PIL.Image, sklearn.datasets  # imported before the start, so all start at once
-from fast_ressl.embedded import ensure_embedded
-tmp = Path(sys.argv[1])
-(tmp / f"ready{sys.argv[2]}").touch()
-while not (tmp / "go").exists():
-    time.sleep(0.005)
-paths = ensure_embedded(tmp / "emb")
-print(json.dumps([sum(len(f) for _, _, f in os.walk(paths[k])) for k in ("train", "val")]))
-"""
-
-
 def test_embedded_digits_made_once_by_processes_that_start_together(tmp_path):
     """The ranks of a torchrun job on a fresh machine: each wrote the dataset, and the last to finish
     deleted a finished copy under a rank that was scanning it ("class folder .../train/2 has no
     decodable image", 2-rank demo run). Three processes start at once: one materialises, the
     others wait for it and each finds every file."""
-    import subprocess
-    import sys
-    import time
-
-    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path), str(i)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(3)]
-    t0 = time.time()
-    while not all((tmp_path / f"ready{i}").exists() for i in range(3)):
-        assert time.time() - t0 < 120 and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-        time.sleep(0.01)
-    (tmp_path / "go").touch()
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    code = ("import json, os\nimport numpy, PIL.Image, sklearn.datasets\n"
+            "from fast_ressl.embedded import ensure_embedded\n# --- start\n"
+            "paths = ensure_embedded(TMP / 'emb')\n"
+            "print(json.dumps([sum(len(f) for _, _, f in os.walk(paths[k])) for k in ('train', 'val')]))\n")
+    runs = start_together(tmp_path, code, [{}] * 3)
+    assert [rc for rc, _, _ in runs] == [0, 0, 0], runs
     # each saw the finished dataset (the train count includes no stray file: DONE is in the root)
-    assert [o.splitlines()[-1] for o, _ in outs] == ["[1438, 359]"] * 3, outs
-    assert sum(o.count("materialised the embedded digits") for o, _ in outs) == 1, outs
+    assert [out.splitlines()[-1] for _, out, _ in runs] == ["[1438, 359]"] * 3, runs
+    assert sum(out.count("materialised the embedded digits") for _, out, _ in runs) == 1, runs
+
+
+def test_the_first_rank_of_every_node_scans_for_its_own_denylist(messy_folder, tmp_path, monkeypatch):
+    """A read-only dataset's denylist goes to the cache folder, on each node's own disk. Only global
+    rank 0 scanned and every other rank waited for the file, so on a second node (here rank 8, its
+    machine's LOCAL_RANK 0) it waited for a file that never came there: 6 hours, then an error."""
+    from fast_ressl import datasets
+    from fast_ressl.datasets import prepare_dataset
+
+    root, _, bad = messy_folder
+    node2 = tmp_path / "node2-cache" / "denylist.json"
+    cfg = load_config(None, tiny_overrides(root, **{"data.denylist": str(node2)}))
+
+    def wait_for(*a, **k):
+        raise AssertionError("waited for a denylist another node writes")
+
+    monkeypatch.setattr(datasets, "_wait_for", wait_for)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    ds = prepare_dataset(cfg, rank=8, progress=False)
+    assert set(ds.bad_files) == set(bad.values()) and node2.exists()
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the node's other ranks read it once written
+    assert set(prepare_dataset(cfg, rank=9, progress=False).bad_files) == set(bad.values())
+
+
+def test_first_ranks_of_nodes_sharing_the_dataset_scan_it_once(messy_folder, tmp_path):
+    """Where the nodes share the dataset folder (and its locks work), their first ranks, starting
+    together, take turns: one scans, the others read its denylist."""
+    root, _, bad = messy_folder
+    code = ("import json\nfrom fast_ressl.config import load_config\n"
+            "from fast_ressl.datasets import prepare_dataset\n"
+            f"cfg = load_config(None, {tiny_overrides(root)!r})\n# --- start\n"
+            "import os\nds = prepare_dataset(cfg, rank=int(os.environ['RANK']))\n"
+            "print(json.dumps(sorted(ds.bad_files)))\n")
+    runs = start_together(tmp_path, code, [{"RANK": str(8 * n), "LOCAL_RANK": "0"} for n in range(3)])
+    assert [rc for rc, _, _ in runs] == [0, 0, 0], runs
+    assert [json.loads(out.splitlines()[-1]) for _, out, _ in runs] == [sorted(bad.values())] * 3, runs
+    assert sum(err.count("decoding all") for _, _, err in runs) == 1, runs
 
 
 def test_scan_command_lists_bad_files_and_writes_denylist(messy_folder, capsys):

@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from conftest import assert_same_batches, make_jpeg_folder, tiny_overrides  # noqa: E402
+from conftest import assert_same_batches, make_jpeg_folder, start_together, tiny_overrides  # noqa: E402
 from fast_ressl.config import load_config  # noqa: E402
 from fast_ressl.datasets import DataError, list_folder, read_denylist  # noqa: E402
 from pipelines_dali.loader import DaliEvalLoader, DaliTrainLoader, parse_ascii_labels  # noqa: E402
@@ -482,6 +482,24 @@ def test_webdataset_shards_index_labels_and_bad_samples(messy_folder, tmp_path):
     R.load_state_dict(state)
     got = next(R)
     assert torch.equal(want.x_strong[0], got.x_strong[0]) and torch.equal(want.labels, got.labels)
+
+
+def test_webdataset_index_files_written_once_by_ranks_that_start_together(jpeg_folder, tmp_path):
+    """Every rank of a job on shards without index files wrote them, all through one temporary name
+    per shard: a rank's rename took another's file away mid-write (FileNotFoundError, 1 of 3
+    processes on 100 shards here). Now they take turns: one writes, the others read."""
+    import json
+
+    ds = list_folder(jpeg_folder)
+    _write_shards(ds.files, ds.labels, tmp_path / "wds", per_shard=1)
+    code = ("from pipelines_dali.webdataset import list_shards\n# --- start\n"
+            f"_, _, n, bad = list_shards({str(tmp_path / 'wds')!r}, num_threads=1)\nprint(n, len(bad))\n")
+    runs = start_together(tmp_path, code, [{}] * 4)
+    assert [rc for rc, _, _ in runs] == [0] * 4, runs
+    assert [out.split() for _, out, _ in runs] == [[str(len(ds.files)), "0"]] * 4, runs
+    assert sum(err.count("writing webdataset index files") for _, _, err in runs) == 1, runs
+    assert not list((tmp_path / "wds").glob("*.tmp"))
+    assert json.loads((tmp_path / "wds" / ".fast_ressl_wds_denylist.json").read_text())["num_samples"] == 48
 
 
 # ----------------------------------------------------------------------------- end to end
