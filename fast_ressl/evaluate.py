@@ -507,8 +507,10 @@ def _monitor_data(cfg: Config, env: Any, loader: Any) -> Optional[_MonitorData]:
 
     try:
         tr_root, va_root = eval_roots(cfg)
-    except ValueError as err:  # decided by cfg alone
-        return off(err)
+    except ValueError:  # decided by cfg alone; eval_roots' text names the knn command's flags
+        return off(ValueError(f"no labelled eval data for data.source={cfg.data.source}: the monitor reads "
+                              "data.root and data.val_root (class folders) with data.source=folder, or the "
+                              "embedded data; eval.knn_every_epochs=0 turns it off"))
     tr_ds = _subset(_train_files(cfg, tr_root, loader, env), e.knn_train_samples, cfg.data.seed)
     va_ds = _subset(_scanned_folder(cfg, va_root, env), e.knn_val_samples, cfg.data.seed)
     try:

@@ -238,6 +238,17 @@ def test_probe_batches_with_workers_leave_a_bad_file_out_of_later_epochs(tmp_pat
 
 
 # ----------------------------------------------------------------------------- online monitor
+def test_knn_monitor_off_says_what_to_set_in_the_run(tmp_path, capsys):
+    """A folder run without data.val_root: the reason named the knn command's --train-root and
+    --val-root, which `fast-ressl train` does not take."""
+    from fast_ressl.train import train
+
+    train(_cfg(tmp_path, **{"data.val_root": "null", "train.epochs": 1, "method.compile_loss": "false",
+                            "eval.knn_every_epochs": 1, "train.channels_last": "false"}), live=False)
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("kNN monitor off")]
+    assert "data.val_root" in line and "eval.knn_every_epochs=0" in line and "--" not in line, line
+
+
 def test_online_knn_monitor_writes_metrics(tmp_path, capsys):
     from fast_ressl.train import train
 
