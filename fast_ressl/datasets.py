@@ -416,7 +416,7 @@ def prepare_dataset(cfg, rank: int = 0, progress: bool = True) -> FileDataset:
                                                os.path.dirname(os.path.abspath(d.file_list)), key)
     bad = _current_denylist(path, len(ds.files), ds.root)
     if bad is None:
-        if int(os.environ.get("LOCAL_RANK", rank)) == 0:
+        if _first_on_machine(rank):
             with exclusive(path + ".lock", waiting=f"fast-ressl: waiting for another process scanning {key} "
                            f"(lock {path}.lock)" if progress else None):
                 bad = _current_denylist(path, len(ds.files), ds.root)  # it may have written it meanwhile
@@ -428,6 +428,15 @@ def prepare_dataset(cfg, rank: int = 0, progress: bool = True) -> FileDataset:
         else:
             bad = _wait_for(path, len(ds.files), ds.root)
     return apply_denylist(ds, bad, d.max_bad_fraction, where=key)
+
+
+def _first_on_machine(rank: int) -> bool:
+    """Whether this process is its machine's first rank: torchrun's LOCAL_RANK 0 in a job of several
+    processes (WORLD_SIZE > 1), else `rank` 0 (a LOCAL_RANK some other launcher left in the
+    environment of a single process must not make it wait for a scan nobody runs)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"]) == 0
+    return rank == 0
 
 
 def _current_denylist(path: str, num_files: int, root: str) -> Optional[Dict[str, str]]:

@@ -175,11 +175,17 @@ def test_the_first_rank_of_every_node_scans_for_its_own_denylist(messy_folder, t
         raise AssertionError("waited for a denylist another node writes")
 
     monkeypatch.setattr(datasets, "_wait_for", wait_for)
+    monkeypatch.setenv("WORLD_SIZE", "16")  # torchrun's environment on the second of two 8-GPU nodes
     monkeypatch.setenv("LOCAL_RANK", "0")
     ds = prepare_dataset(cfg, rank=8, progress=False)
     assert set(ds.bad_files) == set(bad.values()) and node2.exists()
     monkeypatch.setenv("LOCAL_RANK", "1")  # the node's other ranks read it once written
     assert set(prepare_dataset(cfg, rank=9, progress=False).bad_files) == set(bad.values())
+    # one process (no WORLD_SIZE) with a LOCAL_RANK another launcher left: it is first, it scans
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    alone = load_config(None, tiny_overrides(root, **{"data.denylist": str(tmp_path / "alone.json")}))
+    assert set(prepare_dataset(alone, rank=0, progress=False).bad_files) == set(bad.values())
 
 
 def test_first_ranks_of_nodes_sharing_the_dataset_scan_it_once(messy_folder, tmp_path):
@@ -191,7 +197,8 @@ def test_first_ranks_of_nodes_sharing_the_dataset_scan_it_once(messy_folder, tmp
             f"cfg = load_config(None, {tiny_overrides(root)!r})\n# --- start\n"
             "import os\nds = prepare_dataset(cfg, rank=int(os.environ['RANK']))\n"
             "print(json.dumps(sorted(ds.bad_files)))\n")
-    runs = start_together(tmp_path, code, [{"RANK": str(8 * n), "LOCAL_RANK": "0"} for n in range(3)])
+    runs = start_together(tmp_path, code, [{"RANK": str(8 * n), "LOCAL_RANK": "0", "WORLD_SIZE": "24"}
+                                           for n in range(3)])
     assert [rc for rc, _, _ in runs] == [0, 0, 0], runs
     assert [json.loads(out.splitlines()[-1]) for _, out, _ in runs] == [sorted(bad.values())] * 3, runs
     assert sum(err.count("decoding all") for _, _, err in runs) == 1, runs
