@@ -37,8 +37,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data import Batch, EndlessLoader, torch_dtype
-from .datasets import (DataError, FileDataset, check_image, dataset_identity, epoch_block, pil_rgb,
-                       prepare_dataset, report_left_out)
+from .datasets import (DataError, FileDataset, check_image, dataset_identity, epoch_block,
+                       first_on_machine, pil_rgb, prepare_dataset, report_left_out)
 
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
@@ -272,7 +272,8 @@ class TorchLoader(EndlessLoader):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device(device)
         self.batch_size = cfg.train.batch_size // world_size
-        self.dataset = prepare_dataset(cfg, rank=rank, progress=progress and rank == 0)
+        # the scanning message from whichever rank scans: each node's first (datasets.prepare_dataset)
+        self.dataset = prepare_dataset(cfg, rank=rank, progress=progress and first_on_machine(rank))
         self.bad_files: List[str] = list(self.dataset.bad_files)
         self.bad_reasons = dict(self.dataset.bad_reasons)
         self.steps_per_epoch = (len(self.dataset) // world_size) // self.batch_size

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .locks import exclusive
+from .locks import exclusive, write_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
 # Formats both loaders decode (DALI's CPU/GPU decoders and PIL). Anything else is reported as bad.
@@ -312,11 +311,7 @@ def write_denylist(path: str, num_files: int, bad: Dict[str, str], root: str) ->
     data = {"version": DENYLIST_VERSION, "root": root, "num_files": num_files,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "bad": [{"path": rel(p), "reason": bad[p]} for p in sorted(bad)]}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1))  # readable by the dataset's other users (not 0600)
 
 
 def read_denylist(path: str, root: Optional[str] = None) -> Tuple[int, Dict[str, str]]:
@@ -345,7 +340,11 @@ def scan_dataset(ds: FileDataset, denylist: str, num_threads: int = 4, progress:
     return bad
 
 
-def _wait_for(path: str, num_files: int, root: str, timeout_s: float = 6 * 3600) -> Dict[str, str]:
+# how long a rank waits for another's data preparation (a denylist scan of a large dataset)
+PREPARE_TIMEOUT_S = 6 * 3600
+
+
+def _wait_for(path: str, num_files: int, root: str, timeout_s: float = PREPARE_TIMEOUT_S) -> Dict[str, str]:
     """A machine's other ranks: wait until its first rank has written a denylist for `num_files`
     files; return it."""
     t0 = time.time()
@@ -416,7 +415,7 @@ def prepare_dataset(cfg, rank: int = 0, progress: bool = True) -> FileDataset:
                                                os.path.dirname(os.path.abspath(d.file_list)), key)
     bad = _current_denylist(path, len(ds.files), ds.root)
     if bad is None:
-        if _first_on_machine(rank):
+        if first_on_machine(rank):
             with exclusive(path + ".lock", waiting=f"fast-ressl: waiting for another process scanning {key} "
                            f"(lock {path}.lock)" if progress else None):
                 bad = _current_denylist(path, len(ds.files), ds.root)  # it may have written it meanwhile
@@ -430,7 +429,7 @@ def prepare_dataset(cfg, rank: int = 0, progress: bool = True) -> FileDataset:
     return apply_denylist(ds, bad, d.max_bad_fraction, where=key)
 
 
-def _first_on_machine(rank: int) -> bool:
+def first_on_machine(rank: int) -> bool:
     """Whether this process is its machine's first rank: torchrun's LOCAL_RANK 0 in a job of several
     processes (WORLD_SIZE > 1), else `rank` 0 (a LOCAL_RANK some other launcher left in the
     environment of a single process must not make it wait for a scan nobody runs)."""

@@ -80,6 +80,16 @@ def init(device_pref: str, timeout_s: float = 600.0) -> Env:
                local_rank=local_rank, ctrl_group=ctrl)
 
 
+def wait_for_all(env: Env, timeout_s: float) -> None:
+    """Every rank reaches this point before any goes on, waiting up to `timeout_s` (not the
+    collectives' train.dist_timeout_s). After the data set-up: each node's first rank scans its own
+    denylist (or writes webdataset index files) where the node lacks them, an hour for ImageNet, while
+    a node that has them is ready at once; the first collective after it would time out."""
+    if env.ctrl_group is not None:
+        dist.monitored_barrier(group=env.ctrl_group, timeout=datetime.timedelta(seconds=timeout_s),
+                               wait_all_ranks=True)
+
+
 def _attempt_store(timeout: datetime.timedelta) -> dist.Store:
     """The rendezvous store (env://, as torchrun sets it up), with every key under this restart
     attempt's prefix.

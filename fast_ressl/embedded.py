@@ -77,11 +77,22 @@ def _materialise(root: str, parent: str, quiet: bool) -> None:
             Image.fromarray(rgb, mode="RGB").save(os.path.join(folder, f"{i:04d}.jpg"), quality=95)
         with open(os.path.join(tmp, "DONE"), "w") as f:
             f.write(f"{VERSION}: sklearn load_digits, {SIZE}px, seed {_SEED}\n")
-        if os.path.exists(root):  # an unfinished earlier attempt
-            shutil.rmtree(root)
-        os.replace(tmp, root)
+        # Where the lock did not reach (a filesystem without working flock), another process may
+        # have finished meanwhile: keep its copy, which a rank may be reading, and drop this one.
+        if os.path.exists(root) and not os.path.isfile(os.path.join(root, "DONE")):
+            shutil.rmtree(root)  # an unfinished copy of an older version of this code
+        try:
+            os.replace(tmp, root)
+        except OSError:  # a finished copy appeared in between (a folder is not renamed over one)
+            if not os.path.isfile(os.path.join(root, "DONE")):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        else:
+            tmp = ""
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     if not quiet:
         print(f"fast-ressl: materialised the embedded digits dataset in {root} "

@@ -21,6 +21,7 @@ from .checkpoint import CheckpointDir, CheckpointError, RunDirBusy, RunLock, che
 from .compiling import CUDAGRAPH_MODES, CudagraphSkips, compile_network, toolchain_problem_here, wants_cudagraphs
 from .config import RUN_CONTROL_KEYS, Config, ConfigError, config_hash, to_dict, to_yaml
 from .data import build_loader
+from .datasets import PREPARE_TIMEOUT_S
 from .evaluate import knn_monitor
 from .dist import Env
 from .model import build_student_teacher, convert_sync_bn, ema_pairs, ema_update_, flatten_buffers
@@ -490,6 +491,7 @@ def _train_locked(cfg: Config, env: Env, allow_config_change: bool, live: Option
     gen = torch.Generator().manual_seed(cfg.train.seed)
     queue = Queue(cfg.method.queue_size, cfg.model.proj_dim, env.device, generator=gen)
     loader = build_loader(cfg, env.rank, env.world_size, env.device)
+    dist.wait_for_all(env, PREPARE_TIMEOUT_S)  # a node that scanned its own denylist may come an hour late
     steps_per_epoch = loader.steps_per_epoch
     total_steps = cfg.train.epochs * steps_per_epoch
     base_lr = cfg.optim.lr * cfg.train.batch_size / 256  # lr is given per 256 images

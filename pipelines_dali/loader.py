@@ -83,7 +83,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from fast_ressl.data import Batch, EndlessLoader, torch_dtype
 from fast_ressl.datasets import (DataError, FileDataset, check_image, dataset_identity, epoch_block,
-                                 prepare_dataset, report_left_out)
+                                 first_on_machine, prepare_dataset, report_left_out)
 from fast_ressl.dist import STOP_SIGNALS
 
 from .decode_check import UNAVAILABLE
@@ -299,7 +299,8 @@ class DaliTrainLoader(EndlessLoader):
             self.bad_files = sorted(bad)  # "shard.tar:key" of samples left out of the index
             self.bad_reasons = dict(bad)
         else:
-            self.dataset = prepare_dataset(cfg, rank=rank, progress=progress and rank == 0)
+            # the scanning message from whichever rank scans: each node's first (datasets.prepare_dataset)
+            self.dataset = prepare_dataset(cfg, rank=rank, progress=progress and first_on_machine(rank))
             self.bad_files = list(self.dataset.bad_files)
             self.bad_reasons = dict(self.dataset.bad_reasons)
             self.num_samples = len(self.dataset)

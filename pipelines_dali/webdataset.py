@@ -10,18 +10,16 @@ empty or not an image is left out of the index (so DALI never reads it) and list
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
-import socket
 import sys
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Tuple
 
 from fast_ressl.datasets import DataError, check_image_bytes
-from fast_ressl.locks import exclusive
+from fast_ressl.locks import exclusive, write_atomic
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "JPEG", "JPG")
 LABEL_EXTS = ("cls", "label")
@@ -81,30 +79,14 @@ def write_indexes(root: str, num_threads: int = 4, progress: bool = True) -> Dic
     total = 0
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
         for i, (tar, (lines, bad, n)) in enumerate(zip(tars, pool.map(_index_one, tars))):
-            _write_atomic(tar[:-4] + ".idx", f"v1.2 {len(lines)}\n" + "".join(line + "\n" for line in lines))
+            write_atomic(tar[:-4] + ".idx", f"v1.2 {len(lines)}\n" + "".join(line + "\n" for line in lines))
             all_bad.update(bad)
             total += n
             if progress:
                 print(f"indexed {i + 1}/{len(tars)} {os.path.basename(tar)}: {len(lines)} samples, "
                       f"{len(bad)} bad", file=sys.stderr)
-    _write_atomic(os.path.join(root, DENYLIST), json.dumps({"num_samples": total, "bad": all_bad}, indent=1))
+    write_atomic(os.path.join(root, DENYLIST), json.dumps({"num_samples": total, "bad": all_bad}, indent=1))
     return all_bad
-
-
-def _write_atomic(path: str, text: str) -> None:
-    """Write `text` to a temporary file of a unique name beside `path`, then rename it over `path`
-    (a fixed temporary name was shared by every rank writing the same index: one rank's rename took
-    away another's file mid-write, FileNotFoundError). Not mkstemp: its files are 0600, and the
-    index files of a shared dataset must stay readable to its other users (umask applies)."""
-    tmp = f"{path}.{socket.gethostname()}-{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def list_shards(root: str, num_threads: int = 4, max_bad_fraction: float = 1.0,
