@@ -382,15 +382,21 @@ def test_ranks_resume_from_the_checkpoint_rank_0_found(tmp_path):
 
 
 _LATE_RANK = """
-import sys, time
+import dataclasses, datetime, json, sys, time
+import torch.distributed
 from fast_ressl import dist
-env = dist.init("cpu", timeout_s=3.0)  # the collectives' timeout (train.dist_timeout_s)
+env = dist.init("cpu", timeout_s=120.0)
+# the collectives' timeout (train.dist_timeout_s), here 3 s, on a group made while both are present
+env = dataclasses.replace(env, ctrl_group=torch.distributed.new_group(backend="gloo",
+                                                                      timeout=datetime.timedelta(seconds=3)))
 if env.rank == 1:
     time.sleep(8)  # a node scanning its own denylist
 t0 = time.time()
 dist.wait_for_all(env, 120)
 waited = time.time() - t0
-print(env.rank, round(waited, 1), dist.gather_objects(env.rank, env), flush=True)
+gathered = dist.gather_objects(env.rank, env)
+with open(f"{sys.argv[1]}/rank{env.rank}.json", "w") as f:
+    json.dump({"waited": waited, "gathered": gathered}, f)
 dist.shutdown()
 """
 
@@ -399,13 +405,14 @@ def test_ranks_wait_for_a_late_ranks_data_beyond_the_collective_timeout(tmp_path
     """Each node's first rank scans its own missing denylist (datasets.first_on_machine): a node
     that has one is ready at once, and its first collective (the resume's gather) timed out after
     train.dist_timeout_s while another node still scanned. train waits for all ranks after the data
-    set-up with the preparation's own timeout (here 8 s late against a 3 s collective timeout)."""
+    set-up with the preparation's own timeout (here 8 s late against a 3 s collective timeout; a
+    plain barrier there failed)."""
     script = tmp_path / "late.py"
     script.write_text(_LATE_RANK)
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script)],
-                         cwd=REPO, capture_output=True, text=True, timeout=180, env=_env())
+                          "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=240, env=_env())
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    rows = sorted(line.split(" ", 2) for line in out.stdout.splitlines() if line[:2] in ("0 ", "1 "))
-    assert [r[0] for r in rows] == ["0", "1"] and float(rows[0][1]) > 5  # rank 0 waited past 3 s
-    assert all(r[2] == "[0, 1]" for r in rows), rows  # then a collective under the 3 s timeout works
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert res[0]["waited"] > 5, res  # rank 0 waited past the 3 s
+    assert [r["gathered"] for r in res] == [[0, 1]] * 2, res  # then a collective under the 3 s timeout works
