@@ -62,7 +62,10 @@ def _check_result(res, mode):
     # slack: jiffies are 10 ms ticks)
     cpu = res["host_cpu"]
     assert 0 < cpu["main_thread_cores"] <= 1.05 and cpu["main_thread_cores"] <= cpu["process_cores"] * 1.05
-    assert cpu["cores"] >= 1 and cpu["process_cores"] <= cpu["cores"] * 1.05 and cpu["seconds"] > 0
+    assert cpu["cores"] >= 1 and cpu["seconds"] > 0
+    # getrusage brings a thread that runs on another core up to date only at its next tick (<= 10 ms):
+    # a short window can read up to a tick per core too much (2.11 of 2 cores in a CI run)
+    assert cpu["process_cores"] * cpu["seconds"] <= cpu["cores"] * (1.05 * cpu["seconds"] + 0.02), cpu
     # /proc/stat counts 10 ms ticks: a window of a few ms may see no tick (no figure) or no busy one
     if "machine_busy_cores" in cpu:
         assert 0 <= cpu["machine_busy_cores"] <= cpu["machine_cores"] * 1.02
