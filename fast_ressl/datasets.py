@@ -349,13 +349,12 @@ def _wait_for(path: str, num_files: int, root: str, timeout_s: float = PREPARE_T
     files; return it."""
     t0 = time.time()
     while True:
-        if os.path.exists(path):
-            try:
-                num, bad = read_denylist(path, root)
-                if num == num_files:
-                    return bad
-            except (OSError, DataError):  # being written: try again
-                pass
+        try:
+            bad = _current_denylist(path, num_files, root)
+            if bad is not None:
+                return bad
+        except (OSError, DataError):  # being written: try again
+            pass
         if time.time() - t0 > timeout_s:
             raise DataError(f"timed out waiting for this machine's first rank to write the denylist {path}")
         time.sleep(1.0)

@@ -88,11 +88,8 @@ def _materialise(root: str, parent: str, quiet: bool) -> None:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
             return
-        else:
-            tmp = ""
     except BaseException:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # (gone already once renamed)
         raise
     if not quiet:
         print(f"fast-ressl: materialised the embedded digits dataset in {root} "
