@@ -97,19 +97,27 @@ def strong_view(images, crop, aug, mean, std, dtype: str, gpu: bool = False
     x = random_resized_crop(images, crop)
     jitter = coin(aug.jitter_p)
     gray = coin(aug.grayscale_p)
-    brightness = _factor(aug.brightness, jitter)
-    contrast = _factor(aug.contrast, jitter)
-    saturation = _factor(aug.saturation, jitter)
-    keep_colour = 1.0 - gray
-    saturation = keep_colour if saturation is None else saturation * keep_colour
-    kwargs = dict(saturation=saturation)
+    # An op whose probability is 0 is left out of the graph, not run as an identity: the contrast
+    # pass and the colour twist cost the same for every sample whatever their factors (a user's
+    # jitter_p=0, and bench's `--ablate augment`, which would otherwise still time them).
+    jittered = aug.jitter_p > 0
+    brightness = _factor(aug.brightness, jitter) if jittered else None
+    contrast = _factor(aug.contrast, jitter) if jittered else None
+    saturation = _factor(aug.saturation, jitter) if jittered else None
+    if aug.grayscale_p > 0:
+        keep_colour = 1.0 - gray
+        saturation = keep_colour if saturation is None else saturation * keep_colour
+    kwargs = {}
+    if saturation is not None:
+        kwargs["saturation"] = saturation
     if brightness is not None:
         kwargs["brightness"] = brightness
     if contrast is not None:
         x = contrast_own_mean(x, contrast, gpu=gpu)
-    if aug.hue > 0:
+    if jittered and aug.hue > 0:
         kwargs["hue"] = jitter * fn.random.uniform(range=[-360.0 * aug.hue, 360.0 * aug.hue])
-    x = fn.color_twist(x, **kwargs)
+    if kwargs:
+        x = fn.color_twist(x, **kwargs)
 
     # Blur only the chosen samples (a conditional splits the batch): ~10% faster on CPU than a
     # 1-tap identity blur of the others.

@@ -576,9 +576,10 @@ def test_gpu_graphs_are_well_formed_without_a_gpu(jpeg_folder):
         assert _decoders(pipe) == ["mixed"], (name, _decoders(pipe))
 
 
-def _decoders(pipe) -> list:
-    """The devices of the image decoders in a constructed (not built) DALI pipeline's graph, found by
-    walking back from its outputs (DALI 2.4's private DataNode.source / operator-instance fields)."""
+def _graph_ops(pipe) -> list:
+    """(module, name, device) of every operator in a constructed (not built) DALI pipeline's graph,
+    found by walking back from its outputs through regular inputs and named arguments (DALI 2.4's
+    private DataNode.source / operator-instance fields)."""
     seen, stack, found = set(), list(pipe._graph_out), []
     while stack:
         op = stack.pop().source
@@ -586,9 +587,38 @@ def _decoders(pipe) -> list:
             continue
         seen.add(id(op))
         stack.extend(op.inputs)
-        if type(op._op).__module__ == "nvidia.dali.ops.decoders" and type(op._op).__name__ == "Image":
-            found.append(op._op.device)
+        stack.extend(v for v in getattr(op, "_kwargs", {}).values() if hasattr(v, "source"))
+        found.append((type(op._op).__module__, type(op._op).__name__, op._op.device))
     return found
+
+
+def _decoders(pipe) -> list:
+    """The devices of the image decoders in a constructed DALI pipeline's graph."""
+    return [dev for mod, name, dev in _graph_ops(pipe) if mod == "nvidia.dali.ops.decoders" and name == "Image"]
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu_graph"])
+def test_colour_ops_with_probability_zero_are_left_out_of_the_graph(jpeg_folder, gpu):
+    """jitter_p=0 and grayscale_p=0 leave the contrast pass and the colour twist out of the graph
+    instead of running them as per-sample identities (as bench's `--ablate augment` assumes: it
+    measures the loader without the student view's colour and blur ops); jitter alone keeps both."""
+    from fast_ressl.bench import ABLATIONS
+    from pipelines_dali.pipeline import train_pipeline
+
+    def names(**over):
+        cfg = _cfg(jpeg_folder, **over)
+        files = list_folder(str(jpeg_folder)).files
+        pipe = train_pipeline(cfg.data, "files", gpu=gpu, files=files, labels=[0] * len(files), batch_size=4,
+                              num_threads=1, device_id=0 if gpu else None, seed=1)
+        return {name for _, name, _ in _graph_ops(pipe)}
+
+    colour = {"ColorTwist", "Mean", "GaussianBlur"}
+    assert colour <= names()
+    ablated = dict(item.split("=") for item in ABLATIONS["augment"])
+    assert not colour & names(**ablated), names(**ablated)
+    assert {"ColorTwist", "Mean"} <= names(**{"data.augment.grayscale_p": 0.0})
+    gray_only = names(**{"data.augment.jitter_p": 0.0})
+    assert "ColorTwist" in gray_only and "Mean" not in gray_only
 
 
 @pytest.mark.gpu
