@@ -705,7 +705,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # tune_e2e, since on the first H200 run the loader alone made 4x what the ResNet-50 step
         # used, and where the loader does hold the small backbones back it is end to end.
         # (train.precision rides along with the run's overrides: the loader's output is data.dtype)
-        tune("tune_loader", main_model, "loader", "fast", a.tune, [], 150)
+        tune("tune_loader", main_model, "loader", "fast", a.tune, [f"data.num_threads={threads}"], 150)
     if "ddp" not in skip:
         # last, the first to go when time runs out: not one of issue 11's asks, but the first figure
         # a user planning a multi-GPU run wants

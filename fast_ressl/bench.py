@@ -551,8 +551,23 @@ def _sync(device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- modes
+def _window_seconds(seconds: float, env: Any) -> float:
+    """A timed window's length as the run sees it: the slowest rank's (a training step waits for
+    every rank's batch), so that N ranks report the global images/s as step and e2e do."""
+    if not env.distributed:
+        return seconds
+    import torch
+
+    t = torch.tensor([seconds], dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=env.ctrl_group)
+    return float(t.item())
+
+
 def bench_loader(cfg: Config, s: BenchSettings, variant: Optional[Variant] = None) -> Dict[str, Any]:
-    """Source images/s of the configured loader, both views moved to the target device."""
+    """Source images/s of the configured loader, both views moved to the target device. Under
+    torchrun every rank reads its own shard (global batch / ranks) as in training, and the figure
+    is global: the global batch over the slowest rank's window (each window starts together)."""
+    from . import dist
     from .data import build_loader
     from .train import build_env
 
@@ -561,7 +576,7 @@ def bench_loader(cfg: Config, s: BenchSettings, variant: Optional[Variant] = Non
         _apply_variant_backends(variant)
     dev = env.device
     mem = _MemoryProbe(dev)
-    loader = build_loader(cfg, 0, 1, dev)
+    loader = build_loader(cfg, env.rank, env.world_size, dev)
     it = iter(loader)
     batch_size = cfg.train.batch_size
 
@@ -579,10 +594,12 @@ def bench_loader(cfg: Config, s: BenchSettings, variant: Optional[Variant] = Non
         rates = []
         with _HostCPU() as cpu:
             for _ in range(s.repeats):
+                dist.wait_for_all(env, 600.0)
                 with _Timer(dev) as t:
                     for _ in range(s.iters):
                         out = fetch()
-                rates.append(s.iters * batch_size / t.seconds)
+                rates.append(s.iters * batch_size / _window_seconds(t.seconds, env))
+                rank_batch = int(out[0].shape[0])  # what this rank's loader delivers per step
                 del out
         mem.sample()
         boundaries = _boundary_report(loader, warmup, warmup + s.iters * s.repeats, builds, wait0)
@@ -592,6 +609,7 @@ def bench_loader(cfg: Config, s: BenchSettings, variant: Optional[Variant] = Non
         _close_loader(loader)
     del it, loader
     return {"unit": "source images/s", **summarize(rates), "pooled": pooled_rate(rates), "batch_size": batch_size,
+            "ranks": env.world_size, "rank_batch_size": rank_batch,
             "loader": cfg.data.loader, "device": str(dev), **boundaries, **mem.report(), **gpu,
             "host_cpu": cpu.report}
 
@@ -1014,6 +1032,13 @@ def _split_list(text: str) -> List[str]:
 def cmd_bench(args) -> int:
     from .log import console
 
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 alone prints and writes the report
+        import io
+
+        from rich.console import Console
+
+        console = Console(file=io.StringIO())
+        args.out, args.plot = None, False
     overrides, variants = [], _split_list(args.presets)
     for item in args.overrides:
         if item.startswith("preset="):

@@ -437,6 +437,26 @@ def test_bench_under_a_one_rank_process_group_measures_ddp(tmp_path):
     assert ddp["teacher_bn"] == "shuffle" and ddp["ops_per_step"] > plain["ops_per_step"]
 
 
+def test_loader_mode_under_two_ranks_reads_shards_and_reports_the_global_rate(tmp_path, bench_data):
+    """torchrun with 2 ranks: each rank's loader reads its own shard (half the global batch), as in
+    training, so the loader figure is global like step and e2e (it was each process's rate with the
+    full global batch, beside global step figures)."""
+    import os
+    import subprocess
+
+    from conftest import torchrun
+
+    out = tmp_path / "two.json"
+    cmd = torchrun(2, "bench", "-", *TINY, "--presets", "fast", "--modes", "loader", "--data", str(bench_data[0]),
+                   "--warmup", "1", "--iters", "1", "--repeats", "2", "--out", str(out))
+    q = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert q.returncode == 0, q.stdout[-2000:] + q.stderr[-3000:]
+    res = json.loads(out.read_text())["runs"][0]["results"]["loader"]
+    assert (res["ranks"], res["batch_size"], res["rank_batch_size"]) == (2, 8, 4)
+    assert len(res["samples"]) == 2 and res["median"] > 0
+    assert q.stdout.count("fast loader ...") == 1 and q.stdout.count(f"wrote {out}") == 1  # rank 0 alone
+
+
 def test_a_killed_bench_leaves_every_finished_measurement(tmp_path):
     """kill -9 while a bench runs (as a lent GPU's time limit does): the report on disk holds the
     runs finished so far, marked partial, and is valid JSON (written atomically)."""

@@ -192,6 +192,9 @@ def test_cpu_rehearsal_runs_every_stage_and_reports(tmp_path):
     tune = json.loads((out / "tune_loader.json").read_text())
     assert [r["variant"] for r in tune["runs"]] == ["fast", "data.num_threads=1", "data.num_threads=2"]
     assert tune["sweep"]["best"]["loader"]["variant"] in ("data.num_threads=1", "data.num_threads=2")
+    # its fast point is measured at the run's threads (--threads), as the bench's loader figure is
+    # (it was at the config default, 4, against the H200 bench's 12)
+    assert tune["runs"][0]["config"]["data"]["num_threads"] == 2
     assert "fastest data.num_threads=" in q.stdout and "host syncs/step" in q.stdout
     step = json.loads((out / "tune_step.json").read_text())
     # the --tune-step grid (eager here: compiling twice more on 2 cores cost the CI ~70 s); its bf16
