@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -89,14 +90,36 @@ def _one_image(photo: np.ndarray, rng: np.random.Generator):
     return img, quality, subsampling
 
 
+_OWN_DIR, _OWN_FILE = re.compile(r"c\d{2,}"), re.compile(r"\d{6}\.JPEG")
+
+
+def _remove_previous_set(out: Path) -> None:
+    """Before writing a set of other parameters (image or class count, seed) into `out`: remove the
+    files an earlier make-bench-data wrote there (its c<k>/<i>.JPEG names, markers, stats.json), or
+    a smaller set would leave the larger one's extra images for the loader to read, and a set with
+    another class count would mix both trees. Nothing else in `out` is touched."""
+    if not out.is_dir():
+        return
+    for d in out.iterdir():
+        if d.is_dir() and not d.is_symlink() and _OWN_DIR.fullmatch(d.name):
+            for f in d.iterdir():
+                if f.is_file() and _OWN_FILE.fullmatch(f.name):
+                    f.unlink()
+            if not any(d.iterdir()):
+                d.rmdir()
+        elif d.is_file() and (d.name.startswith(".bench-data-") or d.name == "stats.json"):
+            d.unlink()
+
+
 def make_bench_data(out: str | os.PathLike, images: int = 2560, classes: int = 10, seed: int = 0,
                     quiet: bool = False) -> Dict[str, float]:
     """Write `images` JPEGs into out/c<k>/ (k < classes); returns statistics (also in out/stats.json)."""
     out = Path(out)
-    marker = out / f".bench-data-{images}-{seed}"
+    marker = out / f".bench-data-{images}-{classes}-{seed}"
     stats_path = out / "stats.json"
     if marker.exists() and stats_path.exists():
         return json.loads(stats_path.read_text())
+    _remove_previous_set(out)
     rng = np.random.default_rng(seed)
     photos = _photos()
     t0 = time.perf_counter()
