@@ -34,8 +34,9 @@ budget_left_s minus ~100 s):
             which tune_e2e sweeps end to end)
   ddp       the first model's fast step under DDP: torchrun with one rank and
             FAST_RESSL_DDP_ONE_RANK=1 (an NCCL process group of one; NCCL refuses two ranks on one
-            GPU), vs the plain fast step of its bench: what DDP itself costs per GPU, before any
-            traffic between GPUs
+            GPU), vs the plain fast step of its bench: what a multi-GPU run's machinery costs per
+            GPU before any traffic between GPUs: DDP, and the teacher's shuffle-BN, which
+            model.teacher_bn=auto picks in a process group (its gather and index copies)
 
 A stage that fails or times out is recorded and the next one runs; a stage that no longer fits in
 the budget is recorded as skipped, and the summary ends with the command of a later call that runs
@@ -550,7 +551,7 @@ def ddp_result(ddp: Optional[Dict[str, Any]], plain: Optional[Dict[str, Any]]) -
     res = _fast_result(ddp, "step")
     base = _medians(plain or {}, "fast").get("step")
     return {"step": step, "process_group": res.get("process_group"), "ops_per_step": res.get("ops_per_step"),
-            "plain_step": base, "vs_plain": round(step / base, 3) if base else None, "report": ddp}
+            "teacher_bn": res.get("teacher_bn"), "plain_step": base, "vs_plain": round(step / base, 3) if base else None, "report": ddp}
 
 
 def stage_result(name: str, rec: Dict[str, Any]) -> str:
@@ -585,7 +586,8 @@ def stage_result(name: str, rec: Dict[str, Any]) -> str:
         return f"fastest {b['variant']}: {b['median']:.0f} images/s, {b['vs_slowest']:.2f}x the slowest point"
     if name == "ddp" and res:
         vs = f", {res['vs_plain']:.2f}x the plain fast step" if res.get("vs_plain") else ""
-        return f"step under DDP ({res['process_group']}, one rank): {res['step']:.0f} images/s{vs}"
+        bn = f", teacher BN {res['teacher_bn']}" if res.get("teacher_bn") else ""
+        return f"step under DDP ({res['process_group']}, one rank{bn}): {res['step']:.0f} images/s{vs}"
     if name == "tune_step" and res and res.get("sweep", {}).get("best", {}).get("step"):
         b = res["sweep"]["best"]["step"]
         return (f"{b['variant']}: {b['median']:.0f} images/s, {b.get('vs_fast', float('nan')):.2f}x the fast default"
@@ -934,9 +936,9 @@ def print_summary(a: argparse.Namespace, runner: Runner, info: Dict[str, Any], o
     rows = [row for m in models for row in bench_rows(m, runner.stages.get(f"bench_{m}", {}).get("result") or {})]
     if rows:
         print("\nimages/s (median), fast vs reference; ops/step (bookkeeping); the fast path's data wait and "
-              "memory (torch peak + outside torch, MB); epoch boundaries inside its timed windows; the fast "
+              "memory (torch peak + outside torch, MiB); epoch boundaries inside its timed windows; the fast "
               "step's networks-alone share of its time and the GPU's busy fraction (bench's time_breakdown)")
-        print(table(["model", "mode", "fast", "reference", "fast/ref", "ops fast", "ops ref", "wait", "mem MB",
+        print(table(["model", "mode", "fast", "reference", "fast/ref", "ops fast", "ops ref", "wait", "mem MiB",
                      "epoch ends", "nets", "busy"], rows))
     if report.get("bounds"):
         print("\nwhat limits each model end to end (fast path): the step alone vs the loader alone, and the "

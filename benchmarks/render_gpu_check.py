@@ -32,10 +32,10 @@ def render(out: Path) -> str:
     smi = m.get("nvidia_smi")
     smi = "; ".join(smi) if isinstance(smi, list) else str(smi)
     shm = m.get("dev_shm_mb") or {}
-    shm = f"{shm.get('free')} of {shm.get('total')} MB free" if shm else "unknown"
+    shm = f"{shm.get('free')} of {shm.get('total')} MiB free" if shm else "unknown"
     lines = [f"## GPU: {v.get('gpu') or 'no GPU'} ({rep.get('created', '?')[:10]})", "",
              f"Machine: {smi} (nvidia-smi: name, driver, memory); {m.get('cpu_count')} CPU cores, "
-             f"/dev/shm {shm}, memory {m.get('mem_total_mb')} MB. Python {v.get('python')}, "
+             f"/dev/shm {shm}, memory {m.get('mem_total_mb')} MiB. Python {v.get('python')}, "
              f"torch {v.get('torch')} (CUDA {v.get('cuda')}), torchvision {v.get('torchvision')}, "
              f"DALI {v.get('nvidia.dali')}, timm {v.get('timm')}.", "",
              f"Command: `{shlex.join(rep.get('command', []))}` ({rep.get('wall_s')} s; settings: batch "

@@ -27,9 +27,19 @@ def render(report: dict) -> str:
     if report.get("complete") is False:  # a bench stopped (e.g. at a time limit) before its last run
         rows.append("Partial report: the bench was stopped before it finished; these are the runs it completed.")
     rows.append(f"Load average at start / end: {m.get('loadavg_start')} / {m.get('loadavg_end')}; "
-                f"repeats: {report['settings']['repeats']} x {report['settings']['iters']} batches after "
-                f"{report['settings']['warmup']} warm-up batches.")
+                f"repeats: {report['settings']['repeats']} x {_counts(report, 'window_batches', 'iters')} batches "
+                f"after {_counts(report, 'warmup_batches', 'warmup')} warm-up batches.")
     return "\n".join(rows)
+
+
+def _counts(report: dict, key: str, asked: str) -> str:
+    """The batches the measurements used (a loader's warm-up takes at least its batches in flight,
+    its windows whole rounds of its workers: bench.loader_cadence), or what was asked in reports
+    written before they were recorded."""
+    used = sorted({res[key] for run in report["runs"] for res in run["results"].values() if key in res})
+    if not used:
+        return str(report["settings"][asked])
+    return str(used[0]) if len(used) == 1 else f"{used[0]}-{used[-1]} (by loader)"
 
 
 if __name__ == "__main__":

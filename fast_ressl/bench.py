@@ -96,9 +96,9 @@ import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .config import Config, load_config, to_dict
+from .config import Config, ConfigError, load_config, to_dict
 
 SCHEMA = "fast_ressl.bench/1"
 MODES = ("loader", "step", "e2e")
@@ -161,8 +161,6 @@ def parse_sweep(items: Sequence[str]) -> List[tuple]:
     """['data.num_threads=4,8', 'model.compile=false,true'] -> [(key, (values...)), ...]. Values are
     split on commas outside brackets and braces (`data.strong=[{size: 160}],[{size: 224}]`). An
     unknown key fails later, in load_config, with its name."""
-    from .config import ConfigError
-
     out, seen = [], set()
     for item in items:
         key, sep, text = item.partition("=")
@@ -229,15 +227,20 @@ def sweep_best(runs: List[dict], sweep: Sequence[tuple], fast: Optional[str] = "
 def reference_ema_(teacher_params: List[torch.Tensor], student_params: List[torch.Tensor], m: float,
                    enabled: Optional[torch.Tensor] = None) -> None:
     """The original ReSSL momentum update: a Python loop, new tensors per parameter and step
-    (`param_k.data = param_k.data * m + param_q.data * (1. - m)`). `enabled` (the loop's device-side
-    "loss was finite" flag, when it passes one) keeps the teacher unchanged without a host sync."""
+    (`param_k.data = param_k.data * m + param_q.data * (1. - m)`: 3 ops per parameter, m a Python
+    float). `enabled` (the loop's device-side "loss was finite" flag, when it passes one) keeps the
+    teacher unchanged without a host sync: m becomes a device tensor, and its 1 - m is taken once
+    per step, not per parameter (that was one op per parameter more than the original issues:
+    161 of the reference ResNet-50 step's bookkeeping ops, found in review)."""
     import torch
 
+    w = 1.0 - m
     if enabled is not None:
         m = torch.where(enabled, torch.full((), m, device=enabled.device), torch.ones((), device=enabled.device))
+        w = 1.0 - m
     with torch.no_grad():
         for t, s in zip(teacher_params, student_params):
-            t.data = t.data * m + s.data * (1.0 - m)
+            t.data = t.data * m + s.data * w
 
 
 def variants_for(settings: BenchSettings) -> List[Variant]:
@@ -249,10 +252,10 @@ def variants_for(settings: BenchSettings) -> List[Variant]:
             out.append(Variant("reference", list(REFERENCE_OVERRIDES), ema="python-loop",
                                backends="torch-defaults"))
         else:
-            raise ValueError(f"unknown preset {name!r} (fast | reference)")
+            raise ConfigError(f"--presets: unknown preset {name!r} (fast | reference)")
     for name in settings.ablate:
         if name not in ABLATIONS:
-            raise ValueError(f"unknown ablation {name!r} (one of {', '.join(ABLATIONS)})")
+            raise ConfigError(f"--ablate: unknown ablation {name!r} (one of {', '.join(ABLATIONS)})")
         out.append(Variant(f"no_{name}", list(ABLATIONS[name])))
     return out + sweep_variants(settings.sweep)
 
@@ -371,7 +374,7 @@ def _apply_variant_backends(variant: Variant) -> None:
 
 
 def _rss_mb() -> Optional[float]:
-    """The process's current resident set (VmRSS), MB; None where /proc is not there."""
+    """The process's current resident set (VmRSS), MiB; None where /proc is not there."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -484,15 +487,34 @@ class _HostCPU:
             self.report["machine_cores"] = machine[2]
 
 
-def _peak_memory_mb(device: torch.device) -> Dict[str, Any]:
+def synthetic_inputs_mb(loader: Any) -> float:
+    """MiB of the batches a SyntheticSource keeps on the device for the whole measurement (its pool,
+    cycled by step mode); 0 for a real loader."""
+    from .data import SyntheticSource
+
+    if not isinstance(loader, SyntheticSource):
+        return 0.0
+    tensors = [t for b in loader.pool for t in (b.x_weak, *b.x_strong, b.labels)]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def _peak_memory_mb(device: torch.device, inputs_mb: float = 0.0) -> Dict[str, Any]:
+    """Peak memory over the timed repeats, MiB. On CUDA, step mode's synthetic input pool
+    (`inputs_mb`: 4 batches, 588 MiB at batch 256, 224 px, fp16) is taken out of torch's peak: it
+    is not what a training step needs (a loader's batches replace it; DALI's live outside torch, in
+    outside_torch_mb), and left in it made the H200 step peaks 591 MiB above their e2e ones."""
     import torch
 
     if device.type == "cuda":
-        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-                "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
-                "peak_memory_kind": "cuda max_memory_allocated (timed repeats)"}
+        out = {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 - inputs_mb,
+               "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
+               "peak_memory_kind": "cuda max_memory_allocated (timed repeats), MiB"}
+        if inputs_mb:
+            out["synthetic_inputs_mb"] = round(inputs_mb, 1)
+            out["peak_memory_kind"] += ", less the synthetic input pool (synthetic_inputs_mb)"
+        return out
     return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_memory_kind": "process max RSS so far (high-water mark)"}
+            "peak_memory_kind": "process max RSS so far (high-water mark), MiB"}
 
 
 def epoch_boundaries(start: int, end: int, steps_per_epoch: int) -> int:
@@ -551,6 +573,18 @@ def _sync(device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- modes
+def loader_cadence(loader: Any, warmup: int, iters: int) -> Tuple[int, int]:
+    """(warm-up batches, batches per timed window) for `loader`: the warm-up takes at least the
+    batches the loader has in flight (a DataLoader's workers x prefetch: made while the first step
+    compiles, they would be drained in the first timed window at no cost), and a window holds
+    whole rounds of its workers (the DataLoader takes their batches in turn, and workers started
+    together deliver in bursts: on the first H200 run 12 workers x prefetch 4 against 5 warm-up and
+    10-batch windows read 897, 1,574 and 44,206 images/s)."""
+    in_flight = int(getattr(loader, "in_flight_batches", 0) or 0)
+    cycle = max(1, int(getattr(loader, "cycle_batches", 1) or 1))
+    return max(warmup, in_flight), -(-iters // cycle) * cycle
+
+
 def _window_seconds(seconds: float, env: Any) -> float:
     """A timed window's length as the run sees it: the slowest rank's (a training step waits for
     every rank's batch), so that N ranks report the global images/s as step and e2e do."""
@@ -584,7 +618,8 @@ def bench_loader(cfg: Config, s: BenchSettings, variant: Optional[Variant] = Non
         b = next(it)
         return [x.to(dev, non_blocking=True) for x in (b.x_weak, *b.x_strong)]
 
-    warmup = max(1, s.warmup)  # at least the first batch: the loader's start-up (first pipeline build)
+    # at least the first batch: the loader's start-up (first pipeline build)
+    warmup, iters = loader_cadence(loader, max(1, s.warmup), s.iters)
     try:
         for _ in range(warmup):
             fetch()
@@ -596,20 +631,20 @@ def bench_loader(cfg: Config, s: BenchSettings, variant: Optional[Variant] = Non
             for _ in range(s.repeats):
                 dist.wait_for_all(env, 600.0)
                 with _Timer(dev) as t:
-                    for _ in range(s.iters):
+                    for _ in range(iters):
                         out = fetch()
-                rates.append(s.iters * batch_size / _window_seconds(t.seconds, env))
+                rates.append(iters * batch_size / _window_seconds(t.seconds, env))
                 rank_batch = int(out[0].shape[0])  # what this rank's loader delivers per step
                 del out
         mem.sample()
-        boundaries = _boundary_report(loader, warmup, warmup + s.iters * s.repeats, builds, wait0)
-        gpu = _loader_gpu_share(fetch, s.iters, 1000 * batch_size / statistics.median(rates)) \
+        boundaries = _boundary_report(loader, warmup, warmup + iters * s.repeats, builds, wait0)
+        gpu = _loader_gpu_share(fetch, iters, 1000 * batch_size / statistics.median(rates)) \
             if dev.type == "cuda" else {}
     finally:
         _close_loader(loader)
     del it, loader
     return {"unit": "source images/s", **summarize(rates), "pooled": pooled_rate(rates), "batch_size": batch_size,
-            "ranks": env.world_size, "rank_batch_size": rank_batch,
+            "ranks": env.world_size, "rank_batch_size": rank_batch, "warmup_batches": warmup, "window_batches": iters,
             "loader": cfg.data.loader, "device": str(dev), **boundaries, **mem.report(), **gpu,
             "host_cpu": cpu.report}
 
@@ -704,9 +739,10 @@ def bench_train(cfg: Config, s: BenchSettings, variant: Variant, mode: str) -> D
     steps_per_epoch = loader.steps_per_epoch
     # compile, autotune, loader start-up: at least one step; with CUDA graphs three (inductor's
     # cudagraph trees run a graph eagerly once, record it on the second call, replay from the third)
-    warmup = max(3 if wants_cudagraphs(cfg.model.compile, cfg.model.compile_mode, dev) else 1, s.warmup)
+    warmup, iters = loader_cadence(
+        loader, max(3 if wants_cudagraphs(cfg.model.compile, cfg.model.compile_mode, dev) else 1, s.warmup), s.iters)
     total_steps = max(cfg.train.epochs * steps_per_epoch,
-                      warmup + s.iters * s.repeats + _OPCOUNT_STEPS + max(_BREAKDOWN_STEPS, _TIMELINE_STEPS) + 2)
+                      warmup + iters * s.repeats + _OPCOUNT_STEPS + max(_BREAKDOWN_STEPS, _TIMELINE_STEPS) + 2)
     batch_size = cfg.train.batch_size
     ema_fn = reference_ema_ if variant.ema == "python-loop" else None
     with tempfile.TemporaryDirectory(prefix="fast-ressl-bench-") as tmp:
@@ -732,11 +768,11 @@ def bench_train(cfg: Config, s: BenchSettings, variant: Variant, mode: str) -> D
                 for _ in range(s.repeats):
                     timed.wait_s = 0.0
                     with _Timer(dev) as t:
-                        loop.run(state.step + s.iters)
-                    rates.append(s.iters * batch_size / t.seconds)
+                        loop.run(state.step + iters)
+                    rates.append(iters * batch_size / t.seconds)
                     waits.append(min(1.0, timed.wait_s / t.seconds))
             mem.sample()
-            peak = _peak_memory_mb(dev)
+            peak = _peak_memory_mb(dev, synthetic_inputs_mb(loader))
             boundaries = _boundary_report(loader, warmup, state.step, builds, wait0)
             # model.compile_mode with CUDA graphs, on CUDA: the graphs inductor ran without a CUDA
             # graph up to the end of the timed repeats (0 = every one captured)
@@ -755,6 +791,7 @@ def bench_train(cfg: Config, s: BenchSettings, variant: Variant, mode: str) -> D
                 loop.close()
     teacher_sync_bn = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in teacher.modules())
     res = {"unit": "source images/s", **summarize(rates), "pooled": pooled_rate(rates), "batch_size": batch_size,
+           "warmup_batches": warmup, "window_batches": iters,
            "flops_per_image": fpi, "tflops": statistics.median(rates) * fpi / 1e12,
            **peak, **mem.report(), **ops, "optimizer": optim_desc, "ema": variant.ema,
            "teacher_bn": bn_policy, "teacher_sync_bn_layers": teacher_sync_bn, "backend_flags": flags,
@@ -829,7 +866,16 @@ def run_bench(config: Optional[str], overrides: List[str], s: BenchSettings,
 
     for mode in s.modes:
         if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
+            raise ConfigError(f"--modes: unknown mode {mode!r} (one of {', '.join(MODES)})")
+    if s.iters < 1 or s.repeats < 1 or s.warmup < 0:
+        raise ConfigError(f"--iters and --repeats must be at least 1 and --warmup at least 0 "
+                          f"(got {s.iters}, {s.repeats}, {s.warmup})")
+    fixed = {item.split("=", 1)[0] for item in _BENCH_OVERRIDES}
+    for item in overrides:  # applied after the user's, so a user's value would be replaced silently
+        if item.split("=", 1)[0].strip() in fixed:
+            raise ConfigError(f"override {item!r}: bench sets {item.split('=', 1)[0].strip()} itself "
+                              f"({' '.join(_BENCH_OVERRIDES)}: one log step per timed window, no "
+                              "checkpoints, no kNN monitor)")
     variants = variants_for(s)
     # every config loaded now: a bad key of any variant (a sweep's) fails before minutes of measuring
     cfgs = {(v.name, mode): _cfg_for(config, overrides, v, mode, s) for v in variants for mode in s.modes}
@@ -984,11 +1030,16 @@ def result_cells(mode: str, variant: str, res: Dict[str, Any], ratios: Dict[str,
                        else f"{res['tflops'] * 1000:.1f} GFLOP/s achieved")
     if "data_wait_fraction" in res:
         details.append(f"data wait {100 * res['data_wait_fraction']['median']:.1f}%")
-    if "peak_memory_mb" in res:
-        details.append(f"max RSS {res['peak_memory_mb']:.0f} MB" if "RSS" in res.get("peak_memory_kind", "")
-                       else f"peak {res['peak_memory_mb']:.0f} MB")
+    if "peak_memory_mb" in res:  # every *_mb figure is MiB (2**20 bytes)
+        kind = res.get("peak_memory_kind", "")
+        if "RSS" in kind:
+            details.append(f"max RSS {res['peak_memory_mb']:.0f} MiB")
+        elif mode == "step" and "synthetic" not in kind:  # a report written before the pool came out
+            details.append(f"peak {res['peak_memory_mb']:.0f} MiB with the synthetic input pool")
+        else:
+            details.append(f"peak {res['peak_memory_mb']:.0f} MiB")
     if "outside_torch_mb" in res:
-        details.append(f"+{res['outside_torch_mb']:.0f} MB outside torch")
+        details.append(f"+{res['outside_torch_mb']:.0f} MiB outside torch")
     tb = res.get("time_breakdown")
     if tb and tb.get("networks_share") is not None:
         details.append(f"networks {100 * tb['networks_share']:.0f}% of the step")

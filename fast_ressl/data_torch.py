@@ -179,17 +179,17 @@ def fit_prefetch(workers: int, prefetch: int, batch_bytes: int, what: str, shm: 
     mb = 1 << 20
 
     def need(p: int) -> str:
-        return f"{(workers * p + _HELD) * batch_bytes / mb:.1f} MB"
+        return f"{(workers * p + _HELD) * batch_bytes / mb:.1f} MiB"
 
-    where = f"{shm} has {free / mb:.1f} MB free" + (f" ({share / mb:.1f} MB for each of {ranks} ranks here)"
+    where = f"{shm} has {free / mb:.1f} MiB free" + (f" ({share / mb:.1f} MiB for each of {ranks} ranks here)"
                                                    if ranks > 1 else "")
     if room >= 1:
         print(f"fast-ressl: warning: {where}; the {what}'s {workers} workers x prefetch {prefetch} of "
-              f"{batch_bytes / mb:.2f} MB batches would need {need(prefetch)}: prefetch lowered to {room} "
+              f"{batch_bytes / mb:.2f} MiB batches would need {need(prefetch)}: prefetch lowered to {room} "
               f"(give the container more: docker run --ipc=host or --shm-size)", file=sys.stderr)
         return int(room)
     raise DataError(f"{where}, but the {what}'s {workers} workers need {need(1)} for one "
-                    f"{batch_bytes / mb:.2f} MB batch each: give the container shared memory "
+                    f"{batch_bytes / mb:.2f} MiB batch each: give the container shared memory "
                     f"(docker run --ipc=host, or --shm-size=...), or lower data.num_threads or "
                     f"train.batch_size, or use data.loader=dali (no shared memory)")
 
@@ -256,6 +256,11 @@ class _Batches:
             epoch, step = epoch + 1, 0
 
 
+# The training DataLoader's prefetch factor (batches each worker may have ready or in the making),
+# lowered where /dev/shm cannot hold them (fit_prefetch)
+PREFETCH = 4
+
+
 class TorchLoader(EndlessLoader):
     """Endless iterator of `Batch` (CPU tensors, pinned when the device is CUDA).
 
@@ -287,7 +292,7 @@ class TorchLoader(EndlessLoader):
         self.epoch, self.step_in_epoch = 0, 0
         self._it: Optional[Iterator] = None
         self._blocks: dict = {}
-        self._prefetch: Optional[int] = None  # DataLoader prefetch factor: 4, or what /dev/shm holds
+        self._prefetch: Optional[int] = None  # DataLoader prefetch factor: PREFETCH, or what /dev/shm holds
 
     def epoch_indices(self, epoch: int) -> List[int]:
         if epoch not in self._blocks:
@@ -298,6 +303,19 @@ class TorchLoader(EndlessLoader):
     def epoch_files(self, epoch: int) -> Tuple[List[str], List[int]]:
         block = self.epoch_indices(epoch)
         return [self.dataset.files[i] for i in block], [self.dataset.labels[i] for i in block]
+
+    @property
+    def in_flight_batches(self) -> int:
+        """Batches the workers may have ready or in the making before the consumer asks for them
+        (workers x prefetch factor): a benchmark's warm-up takes at least these, or its timed
+        windows drain a stock made before them."""
+        return self.num_workers * (self._prefetch or PREFETCH)
+
+    @property
+    def cycle_batches(self) -> int:
+        """Batches of one round of the workers (the DataLoader takes them in turn, one batch each):
+        a timed window of a multiple of it holds every worker's batch alike."""
+        return max(1, self.num_workers)
 
     def batch_bytes(self) -> int:
         """Bytes of one collated batch as the workers hand it over (all views in data.dtype)."""
@@ -310,7 +328,7 @@ class TorchLoader(EndlessLoader):
         batches = _Batches(len(self.dataset), self.cfg.data.seed, self.rank, self.steps_per_epoch,
                            self.batch_size, self.epoch, self.step_in_epoch)
         if w > 0 and self._prefetch is None:  # checked once: the first start sizes every later one
-            self._prefetch = fit_prefetch(w, 4, self.batch_bytes(), "torch loader")
+            self._prefetch = fit_prefetch(w, PREFETCH, self.batch_bytes(), "torch loader")
         self._it = start_workers(self._ds, batch_sampler=batches, num_workers=w, collate_fn=_Collate(self.dtype),
                                  pin_memory=self.device.type == "cuda", persistent_workers=False,
                                  prefetch_factor=self._prefetch if w > 0 else None)

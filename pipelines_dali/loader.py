@@ -320,6 +320,7 @@ class DaliTrainLoader(EndlessLoader):
         # Start the next epoch's build once the current pipeline has all of its epoch's remaining
         # batches scheduled: DALIGenericIterator keeps prefetch_queue_depth runs in flight.
         self.ahead_batches = max(1, int(self.data.prefetch_queue_depth))
+        self.in_flight_batches = self.ahead_batches  # what a benchmark's warm-up takes at least
         self._ahead: Optional[_Ahead] = None
         self.end_epoch: Optional[int] = None  # end_at(): no epoch from this one on is built ahead
         self.builds: List[Tuple[str, int]] = []

@@ -51,9 +51,12 @@ def _check_result(res, mode):
                                                                    reverse=True)
     else:
         assert "time_breakdown" not in res
-    # what the timed batches crossed: FAST times warmup + 1 .. warmup + iters * repeats
-    assert res["epoch_boundaries_timed"] == bench.epoch_boundaries(
-        FAST["warmup"], FAST["warmup"] + FAST["iters"] * FAST["repeats"], res["steps_per_epoch"])
+    # what the timed batches crossed: batches warmup + 1 .. warmup + iters * repeats, the loader's
+    # own warm-up and window (at least what was asked: loader_cadence)
+    warmup, iters = res["warmup_batches"], res["window_batches"]
+    assert warmup >= FAST["warmup"] and iters >= FAST["iters"]
+    assert res["epoch_boundaries_timed"] == bench.epoch_boundaries(warmup, warmup + iters * FAST["repeats"],
+                                                                   res["steps_per_epoch"])
     if mode == "e2e":
         assert 0.0 <= res["data_wait_fraction"]["median"] <= 1.0
         assert "gpu_timeline" not in res  # a GPU profile: none on the CPU
@@ -106,6 +109,22 @@ def test_make_bench_data_sizes(bench_data):
     mtime = files[0].stat().st_mtime_ns
     make_bench_data(root, images=24, classes=3, quiet=True)
     assert files[0].stat().st_mtime_ns == mtime
+
+
+def test_make_bench_data_with_other_counts_replaces_the_earlier_set(tmp_path):
+    """A second make-bench-data into the same folder with fewer images or another class count: the
+    loader then reads exactly the new set (the marker ignored the class count, so a set with other
+    classes was reused as it was, and a smaller set left the larger one's extra images behind);
+    files it did not write stay."""
+    root = tmp_path / "jpegs"
+    make_bench_data(root, images=6, classes=3, quiet=True)
+    (root / "notes.txt").write_text("mine")
+    stats = make_bench_data(root, images=4, classes=2, quiet=True)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.JPEG"))
+    assert files == ["c00/000000.JPEG", "c00/000002.JPEG", "c01/000001.JPEG", "c01/000003.JPEG"]
+    assert (stats["images"], stats["classes"]) == (4, 2) and (root / "notes.txt").read_text() == "mine"
+    assert make_bench_data(root, images=4, classes=3, quiet=True)["classes"] == 3  # the classes count
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["c00", "c01", "c02"]
 
 
 def test_step_fast_vs_reference_json(tmp_path):
@@ -174,13 +193,40 @@ def test_loader_and_e2e_with_ablation(tmp_path, bench_data):
     assert by["fast"]["config"]["data"]["augment"]["blur_p"] == 0.5
     assert by["fast"]["config"]["data"]["root"] == str(root)
     assert set(report["ratios"]) == {"fast", "no_amp", "no_augment"}
-    # 24 images, batch 8: 3 batches per epoch, so the timed batches 2-3 cross no boundary; the
-    # DALI loader starts epoch 1's pipeline ahead during them, never a build on the training thread
+    # each loader's warm-up takes at least its stock in flight: the DataLoader's 1 worker x prefetch
+    # 4, DALI's prefetch depth 2 (loader_cadence)
+    for mode in ("loader", "e2e"):
+        assert by["reference"]["results"][mode]["warmup_batches"] == 4
+        assert by["fast"]["results"][mode]["warmup_batches"] == 2
+    # 24 images, batch 8: 3 batches per epoch, so the timed batches 3-4 cross one boundary; the
+    # DALI loader starts epoch 1's pipeline ahead, never a build on the training thread
     for name in ("fast", "no_amp", "no_augment"):
         for mode in ("loader", "e2e"):
             res = by[name]["results"][mode]
             assert res["steps_per_epoch"] == 3 and res["sync_builds_timed"] == 0, res
             assert all(kind == "ahead" for kind, _ in res["pipeline_builds_timed"])
+
+
+def test_loader_cadence_takes_the_stock_in_flight_and_whole_worker_rounds():
+    """A DataLoader with 12 workers x prefetch 4 (the first H200 run's reference): the warm-up takes
+    its 48 batches in flight and a 10-batch window becomes one round of 12; DALI (prefetch depth 2)
+    and the synthetic source keep what was asked."""
+    from types import SimpleNamespace
+
+    from fast_ressl.data_torch import PREFETCH, TorchLoader
+
+    workers = SimpleNamespace(in_flight_batches=12 * PREFETCH, cycle_batches=12)
+    assert bench.loader_cadence(workers, 5, 10) == (48, 12)
+    assert bench.loader_cadence(workers, 60, 25) == (60, 36)
+    assert bench.loader_cadence(SimpleNamespace(in_flight_batches=2), 5, 10) == (5, 10)
+    assert bench.loader_cadence(object(), 1, 3) == (1, 3)
+    loader = TorchLoader.__new__(TorchLoader)  # the properties alone: no dataset needed
+    loader.num_workers, loader._prefetch = 12, None
+    assert (loader.in_flight_batches, loader.cycle_batches) == (48, 12)
+    loader._prefetch = 1  # lowered to what /dev/shm holds
+    assert loader.in_flight_batches == 12
+    loader.num_workers = 0  # batches made in the main process, on demand
+    assert (loader.in_flight_batches, loader.cycle_batches) == (0, 1)
 
 
 def test_reference_ema_matches_foreach():
@@ -198,6 +244,16 @@ def test_reference_ema_matches_foreach():
     bench.reference_ema_(t2, s1, 0.9, enabled=torch.tensor(False))
     for a, b in zip(keep, t2):
         torch.testing.assert_close(a, b)
+    # the original's 3 ops per parameter (mul, mul, add), also with the device-side flag (whose
+    # where/full/ones/rsub are once per step)
+    from fast_ressl.opcount import top_level_aten_ops
+
+    many_t, many_s = [torch.randn(3) for _ in range(10)], [torch.randn(3) for _ in range(10)]
+    plain = top_level_aten_ops(lambda: bench.reference_ema_(many_t, many_s, 0.9))
+    flagged = top_level_aten_ops(lambda: bench.reference_ema_(many_t, many_s, 0.9, enabled=torch.tensor(True)))
+    kernels = ("aten::mul", "aten::add", "aten::rsub", "aten::sub")  # `.data =` adds a check, no kernel
+    assert sum(plain[k] for k in kernels) == 30, plain
+    assert sum(flagged[k] for k in kernels) <= 31, flagged
 
 
 def test_cli_bench_preset_reference(tmp_path, capsys):
@@ -377,6 +433,24 @@ def test_sweep_parsing_and_errors(capsys):
     assert "data.bogus" in err.err and "images/s" not in err.out
 
 
+@pytest.mark.parametrize("args, named", [
+    (["--modes", "foo"], "--modes: unknown mode 'foo'"),
+    (["--presets", "bar"], "--presets: unknown preset 'bar'"),
+    (["--ablate", "baz"], "--ablate: unknown ablation 'baz'"),
+    (["--iters", "0"], "--iters and --repeats must be at least 1"),
+    (["--repeats", "0"], "--iters and --repeats must be at least 1"),
+    # bench sets these itself, after the user's overrides: a user's value would be replaced silently
+    (["train.log_every=5"], "override 'train.log_every=5': bench sets train.log_every itself"),
+    (["eval.knn_every_epochs=1"], "bench sets eval.knn_every_epochs itself"),
+])
+def test_bench_option_errors_are_one_line_naming_the_option(args, named, capsys):
+    """Each an exit code 2 and one `config error:` line, before anything is measured (an unknown mode
+    or preset was a traceback; --iters 0 failed after a measurement's set-up)."""
+    assert main(["bench", "-", *TINY, *args, "--out", "x.json"]) == 2
+    err = capsys.readouterr()
+    assert named in err.err and "Traceback" not in err.err and "images/s" not in err.out
+
+
 def test_a_profiler_that_cannot_attach_keeps_the_measurements(tmp_path, monkeypatch):
     """Where torch.profiler fails (CUPTI in a sandbox), the step's figures stay and the breakdown
     says why its profile part is missing."""
@@ -534,6 +608,29 @@ def test_reports_written_before_the_busy_fix_are_read_with_it():
     assert res["time_breakdown"]["device_busy_fraction"] == pytest.approx(0.54, abs=0.005)  # as measured
     details = bench.result_cells("step", "fast", res, report["ratios"])[-1]
     assert "GPU busy 98%" in details and "99.8 TFLOP/s achieved" in details
+    # its peak was written with the synthetic input pool in it: the table says so
+    assert "peak 13492 MiB with the synthetic input pool" in details
+
+
+def test_step_peak_memory_leaves_out_the_synthetic_input_pool():
+    """Step mode trains on a pool of 4 synthetic batches kept on the device for the whole
+    measurement; on CUDA its size is taken out of torch's peak (the H200 step peaks were 591 MiB
+    above their e2e ones, where DALI's batches live outside torch). Its size, from the shapes: 4 x
+    (weak + strong view fp16 + int64 labels)."""
+    import torch
+
+    from fast_ressl.config import load_config
+    from fast_ressl.data import SyntheticSource
+
+    cfg = load_config(None, TINY + ["data.source=synthetic", "data.dtype=fp16"])
+    src = SyntheticSource(cfg, 0, 1, torch.device("cpu"))
+    view = 8 * 3 * 32 * 32 * 2
+    assert bench.synthetic_inputs_mb(src) == pytest.approx(4 * (2 * view + 8 * 8) / 2**20)
+    assert bench.synthetic_inputs_mb(object()) == 0.0
+    res = {"median": 1.0, "min": 1.0, "max": 1.0, "spread_pct": 0.0, "peak_memory_mb": 12904.0,
+           "synthetic_inputs_mb": 588.0, "peak_memory_kind": "cuda max_memory_allocated (timed repeats), MiB, "
+           "less the synthetic input pool (synthetic_inputs_mb)"}
+    assert "peak 12904 MiB," in bench.result_cells("step", "fast", res, {})[-1] + ","
 
 
 def test_the_loaders_gpu_share_is_left_out_with_the_reason_where_the_profiler_fails(monkeypatch):
@@ -720,3 +817,38 @@ def test_old_reports_lose_the_annotation_spans_their_top_ops_list():
     assert report_busy_fraction(new) == 0.5
     del new["annotations_excluded"]  # written by kernel_ms_per_step's code before spans were left out
     assert report_busy_fraction(new) == 0.35
+
+
+def test_the_networks_alone_passes_write_fresh_gradients_every_time(tmp_path):
+    """The breakdown times the student's forward + backward several times in a row: every pass must
+    issue the step's ops (backward writing fresh gradients), not accumulate into the previous pass's
+    (an add per parameter more: efficientnet_b0's networks read 105% of its step on the H200)."""
+    import types
+
+    import torch
+
+    from fast_ressl import train as T
+    from fast_ressl.config import load_config
+    from fast_ressl.data import build_loader
+    from fast_ressl.opcount import network_passes, top_level_aten_ops
+    from fast_ressl.optim import build_optimizer
+    from fast_ressl.ressl import Queue
+
+    cfg = load_config(None, TINY + ["data.source=synthetic", "train.precision=fp32", f"run.dir={tmp_path}"])
+    env = T.build_env(cfg)
+    student, teacher, policy = bench.build_models(cfg, env)
+    opt, _ = build_optimizer(student, cfg.optim, 0.1, env.device)
+    st = T.State(student, teacher, Queue(64, 16, env.device, generator=torch.Generator().manual_seed(0)), opt,
+                 torch.amp.GradScaler("cpu", enabled=False), build_loader(cfg, 0, 1, env.device))
+    meter = T._Meter(cfg, env, tmp_path, 100, 2, 0, live=False)
+    loop = T.Loop(cfg, env, st, T.build_loss_fn(cfg, 0, 8), policy, 2, 100, 0.1, None, meter,
+                  types.SimpleNamespace(signum=0))
+    try:
+        loop.run(1)
+        student_fwd_bwd, _, restore = network_passes(loop)
+        first, second = top_level_aten_ops(student_fwd_bwd), top_level_aten_ops(student_fwd_bwd)
+        restore()
+        assert second == first, (second - first, first - second)
+    finally:
+        meter.close()
+        loop.close()

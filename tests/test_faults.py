@@ -510,7 +510,7 @@ def test_a_small_dev_shm_lowers_the_prefetch_or_is_one_line(tmp_path):
     assert "prefetch lowered to 1" in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert "done (completed)" in out.stdout
     line = _one_line_error(_train_small_shm("128k", *over, f"run.dir={tmp_path / 'b'}"))
-    assert "/dev/shm has 0.1 MB free" in line and "--ipc=host" in line and "data.loader=dali" in line
+    assert "/dev/shm has 0.1 MiB free" in line and "--ipc=host" in line and "data.loader=dali" in line
 
 
 # ----------------------------------------------------------------------------- no compiler

@@ -172,7 +172,7 @@ def test_cpu_rehearsal_runs_every_stage_and_reports(tmp_path):
     assert all(r["status"] == "ok" for r in rep["stages"].values())
     ddp = rep["stages"]["ddp"]["result"]  # the step under a one-rank process group (gloo on the CPU)
     assert ddp["process_group"] == "gloo" and ddp["vs_plain"] > 0 and ddp["ops_per_step"] > 0
-    assert "step under DDP (gloo, one rank)" in q.stdout
+    assert "step under DDP (gloo, one rank, teacher BN shuffle)" in q.stdout  # shuffle-BN is in it too
     assert rep["stages"]["data"]["stats"]["images"] == 48
     bench = json.loads((out / "bench_test_resnet.json").read_text())
     assert [r["variant"] for r in bench["runs"]] == ["fast", "reference", "no_augment"]
