@@ -125,6 +125,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         (parser if any(u in before for u in unknown) else args.commands[args.command]).error(
             f"unrecognized arguments: {' '.join(unknown)}")
     quiet_irrelevant_warnings()
+    from .log import survive_closed_output
+
+    survive_closed_output()
     try:
         return args.func(args)
     except ConfigError as e:

@@ -13,6 +13,55 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 console = Console(stderr=False, highlight=False)
 
 
+class _OutputThatMayClose:
+    """sys.stdout / sys.stderr for a long run whose reader may go away: `train ... | tee log` in a
+    process group that Ctrl-C, `docker stop` or a scheduler signals as a whole. tee dies with the
+    signal, and the trainer's next line raised BrokenPipeError (EPIPE) on its way to the step
+    boundary: exit 1, no checkpoint, no summary (found by running it). On the first EPIPE the
+    stream's file descriptor is pointed at /dev/null, so the run goes on to its checkpoint and exit
+    code; everything else is the stream's own."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _closed(self) -> None:
+        import os
+
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, self._stream.fileno())
+        finally:
+            os.close(null)
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._closed()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._closed()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def survive_closed_output() -> None:
+    """Wrap sys.stdout and sys.stderr (once) in _OutputThatMayClose."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _OutputThatMayClose):
+            try:
+                stream.fileno()
+            except (AttributeError, OSError, ValueError):  # no descriptor (pytest's capture): as it is
+                continue
+            setattr(sys, name, _OutputThatMayClose(stream))
+
+
 def info(msg: str) -> None:
     """A plain log line (rank 0 decides whether to call it)."""
     console.print(msg, markup=False, soft_wrap=True)

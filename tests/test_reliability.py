@@ -145,28 +145,37 @@ def test_kill9_then_same_command_is_bitwise_exact(folder, baselines, tmp_path, l
 
 
 @pytest.mark.parametrize("loader,to,sig", [("dali", "process", signal.SIGTERM), ("torch", "group", signal.SIGTERM),
-                                            ("torch", "group", signal.SIGUSR1)])
+                                            ("torch", "group", signal.SIGUSR1), ("dali", "piped", signal.SIGTERM)])
 def test_sigterm_checkpoints_exits_143_and_resumes_at_next_step(folder, baselines, tmp_path, loader, to, sig):
     """SIGTERM to the trainer alone (tini, `docker stop`), or to its whole process group (torchrun's
     os.killpg on preemption, a batch scheduler), which reaches the torch loader's DataLoader workers
     too: they used to die of it and torch raised "DataLoader worker (pid N) is killed by signal:
     Terminated" in the trainer (exit 1, no checkpoint); now they leave the signal to the trainer.
     SIGUSR1 (Slurm's usual requeue warning) alike, exit 138: it used to end the run with no
-    checkpoint (found in review)."""
+    checkpoint (found in review). "piped": `train ... 2>&1 | tee log` signalled as a group, where
+    tee dies too: its pipe is closed before the signal, and the trainer's next line used to raise
+    BrokenPipeError on the way to the step boundary (exit 1, no checkpoint, no summary)."""
     run = tmp_path / "t"
     cmd = _cmd(*_folder_overrides(folder), *LOADERS[loader], f"run.dir={run}", "train.ckpt_every=100")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(), start_new_session=to == "group")  # its own group, as under torchrun
+                            env=_env(), start_new_session=to != "process")  # its own group, as under torchrun
     _wait_for_step(run, proc, 3)
     t0 = time.time()
-    if to == "group":
+    if to == "piped":  # the reader goes first (tee is in the signalled group), then the signal
+        proc.stdout.close()
+        proc.stderr.close()
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=120)
+        stdout, stderr = None, ""
+    elif to == "group":
         os.killpg(proc.pid, sig)
     else:
         proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=120)
+    if to != "piped":
+        stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, stderr[-3000:]
     stopped = safe_load(run / "checkpoints/last.pt")["step"]
-    assert 3 <= stopped < 12 and f"stopped at step {stopped}" in stdout
+    assert 3 <= stopped < 12 and (stdout is None or f"stopped at step {stopped}" in stdout)
     assert json.loads((run / "summary.json").read_text())["status"] == "preempted"
     print(f"SIGTERM to exit: {time.time() - t0:.1f} s")
     out = _run(cmd)
