@@ -126,6 +126,35 @@ class CheckpointDir:
             except OSError as e:  # a failed delete must never stop training
                 self.warn(f"warning: could not delete old checkpoint {old}: {e}")
 
+    def set_aside_unusable(self, resumed_step: Optional[int]) -> list[Path]:
+        """After a resume from `resumed_step` (None: no checkpoint was usable), every numbered
+        checkpoint newer than it is one that was skipped as unusable: rename each to NAME.unusable
+        (kept for inspection, out of the rotation) and point last.pt at the resumed one again. Left
+        in place, an unusable step_120 sorted newest and held one of the `keep` places until the run
+        reached step 120 again, while the good checkpoints were deleted around it (found by a README
+        walkthrough). Call it on the writing rank only, holding the run directory's lock."""
+        moved = []
+        for path in self.numbered():
+            if resumed_step is None or _step_of(path) > resumed_step:
+                dest = path.with_name(path.name + ".unusable")
+                try:
+                    os.replace(path, dest)
+                except OSError as e:
+                    self.warn(f"warning: could not set aside unusable checkpoint {path}: {e}")
+                    continue
+                moved.append(dest)
+        if moved:
+            self.last.unlink(missing_ok=True)
+            if resumed_step is not None:
+                resumed = self.root / f"step_{resumed_step:08d}.pt"
+                tmp = self.root / f".last.{os.getpid()}.tmp"
+                try:
+                    os.link(resumed, tmp)
+                    os.replace(tmp, self.last)
+                except OSError:  # no hard links, or the numbered file is gone: the next save writes it
+                    tmp.unlink(missing_ok=True)
+        return moved
+
     def load_newest_valid(self, map_location: Any = "cpu") -> tuple[Optional[dict], Optional[Path]]:
         """The newest checkpoint that loads and is complete; each one skipped is reported."""
         seen: set = set()

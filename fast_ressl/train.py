@@ -336,6 +336,11 @@ def maybe_resume(state: State, cfg: Config, env: Env, ckpts: CheckpointDir,
     # On the CPU: load_state_dict copies each tensor to where the module/optimizer/queue lives, and
     # nothing that must stay on the host (RNG states, loader state) lands on a GPU.
     sd, path = agree_on_checkpoint(ckpts, *ckpts.load_newest_valid(map_location="cpu"), env)
+    if env.is_main:
+        moved = ckpts.set_aside_unusable(None if sd is None else int(sd["step"]))
+        if moved:
+            _info(env, f"set aside {len(moved)} unusable checkpoint(s), out of the rotation (delete them once "
+                  f"inspected): {', '.join(p.name for p in moved)}")
     if sd is None:
         return None
     reshard = sd["world_size"] != env.world_size

@@ -269,10 +269,20 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, capsys):
     with open(last, "r+b") as f:  # truncate in place (last.pt and step_6 share the bytes)
         f.truncate(len(data) // 3)
     capsys.readouterr()
-    summary = train(load_config(None, base), live=False)
+    summary = train(load_config(None, base + ["train.stop_at_step=5"]), live=False)
     out = capsys.readouterr().out
     assert "skipping unusable checkpoint" in out and "last.pt" in out
     assert "resumed from" in out and "step_00000004.pt at step 4" in out
+    # the unusable step 6 is set aside: it no longer holds one of the 2 places while the good
+    # step 4 is deleted beside the new step 5 (it did until the run reached step 6 again)
+    ckpts = tmp_path / "checkpoints"
+    assert "set aside 1 unusable checkpoint(s)" in out and "step_00000006.pt.unusable" in out
+    assert sorted(p.name for p in ckpts.glob("step_*.pt")) == ["step_00000004.pt", "step_00000005.pt"]
+    assert (ckpts / "step_00000006.pt.unusable").stat().st_size == len(data) // 3
+    assert (ckpts / "last.pt").stat().st_ino == (ckpts / "step_00000005.pt").stat().st_ino
+    summary = train(load_config(None, base), live=False)
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "at step 5" in out and "unusable" not in out
     assert summary["step"] == 8
 
 
