@@ -392,6 +392,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         check(per_rank <= cfg.model.bn_group_size or per_rank % cfg.model.bn_group_size == 0,
               f"model.bn_group_size={cfg.model.bn_group_size} must divide the per-rank batch {per_rank} "
               f"(train.batch_size={t.batch_size} over {world_size} rank(s))")
+    import timm  # a misspelt backbone is named before a run directory or any data work (it was a
+    # traceback from timm.create_model, after the run directory had been made)
+
+    check(timm.is_model(cfg.model.backbone),
+          f"model.backbone={cfg.model.backbone!r} is not a timm model (`python -c \"import timm; "
+          f"print(timm.list_models('*{cfg.model.backbone[:6]}*'))\"` lists similar names)")
     if cfg.model.small_input_stem:
         check(cfg.model.backbone.startswith("resnet"),
               f"model.small_input_stem needs a ResNet backbone, not {cfg.model.backbone}")

@@ -64,7 +64,10 @@ def init(device_pref: str, timeout_s: float = 600.0) -> Env:
     if device_pref == "auto":
         device_pref = "cuda" if torch.cuda.is_available() else "cpu"
     if device_pref == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is visible")
+        from .config import ConfigError  # one line naming the key, not a traceback
+
+        raise ConfigError("run.device=cuda but no CUDA device is visible (run.device=auto uses one when "
+                          "there is one)")
     device = torch.device("cuda", local_rank) if device_pref == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)

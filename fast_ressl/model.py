@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 
 
 class Encoder(nn.Module):
@@ -57,11 +57,11 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
             if "zero_init_last" not in str(e):
                 raise
             if cfg.zero_init_last:
-                raise ValueError(f"model.zero_init_last=true: {cfg.backbone} has no zero-init-last "
+                raise ConfigError(f"model.zero_init_last=true: {cfg.backbone} has no zero-init-last "
                                  "option in timm (it never zero-initialises a BN); use false") from None
             backbone = timm.create_model(cfg.backbone, num_classes=0, pretrained=False)
     except RuntimeError as e:  # timm raises RuntimeError('Unknown model (...)')
-        raise ValueError(f"model.backbone={cfg.backbone!r}: {e}") from None
+        raise ConfigError(f"model.backbone={cfg.backbone!r}: {e}") from None
     if cfg.small_input_stem:
         _small_input_stem(backbone, cfg.backbone)
     return backbone
@@ -72,7 +72,7 @@ def _small_input_stem(backbone: nn.Module, name: str) -> None:
     ReSSL code uses: a 7x7/2 conv + pool would leave a 32 px image at 8x8 before the first block."""
     conv = getattr(backbone, "conv1", None)
     if not isinstance(conv, nn.Conv2d):
-        raise ValueError(f"model.small_input_stem: {name} has no single conv1 stem to replace")
+        raise ConfigError(f"model.small_input_stem: {name} has no single conv1 stem to replace")
     backbone.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False)
     backbone.maxpool = nn.Identity()
 

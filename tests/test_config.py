@@ -80,6 +80,31 @@ def test_invariants_name_the_keys():
                               "model.compile_mode=reduce-overhead"]).model.compile_mode == "reduce-overhead"
 
 
+@pytest.mark.parametrize("overrides, named", [
+    (["model.backbone=notamodel", "model.small_input_stem=false"], "model.backbone='notamodel' is not a timm model"),
+    # not "needs a ResNet backbone": the name itself is what is wrong
+    (["model.backbone=notamodel"], "model.backbone='notamodel' is not a timm model"),
+    (["run.device=cuda"], "run.device=cuda but no CUDA device is visible"),
+])
+def test_train_refuses_a_bad_backbone_or_device_in_one_line(overrides, named, tmp_path, capsys):
+    """`fast-ressl train`: exit code 2 and one `config error:` line naming the key, before a run
+    directory is made (both were tracebacks, exit 1; the bad backbone left a run directory holding
+    only its lock file)."""
+    import torch
+
+    from fast_ressl.cli import main
+
+    if "run.device=cuda" in overrides and torch.cuda.is_available():
+        pytest.skip("a visible CUDA device")
+    run = tmp_path / "run"
+    rc = main(["train", str(REPO / "configs" / "demo.yaml"), *overrides, "data.source=synthetic",
+               "data.num_samples=64", f"run.dir={run}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and named in err and "Traceback" not in err, err
+    if "run.device=cuda" not in overrides:
+        assert not run.exists()
+
+
 def test_unsafe_yaml_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     p = _write(tmp_path, f"train: !!python/object/apply:os.system ['touch {marker}']\n")
