@@ -19,10 +19,15 @@ class _OutputThatMayClose:
     signal, and the trainer's next line raised BrokenPipeError (EPIPE) on its way to the step
     boundary: exit 1, no checkpoint, no summary (found by running it). On the first EPIPE the
     stream's file descriptor is pointed at /dev/null, so the run goes on to its checkpoint and exit
-    code; everything else is the stream's own."""
+    code. Each line also goes through redact_text, so a secret that reaches a message by way of a
+    path (a data root under a directory named with a token) is masked in the output as it is in
+    config.yaml and summary.json; everything else is the stream's own."""
 
     def __init__(self, stream):
+        from .redact import secret_values
+
         self._stream = stream
+        self._secrets = secret_values()  # read once: the environment of a run does not change
 
     def _closed(self) -> None:
         import os
@@ -34,6 +39,10 @@ class _OutputThatMayClose:
             os.close(null)
 
     def write(self, text):
+        if isinstance(text, str):
+            from .redact import redact_text
+
+            text = redact_text(text, self._secrets)
         try:
             return self._stream.write(text)
         except BrokenPipeError:

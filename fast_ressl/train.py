@@ -209,7 +209,10 @@ class State:
             "scaler": self.scaler.state_dict(), "step": self.step, "skipped_steps": self.skipped_steps,
             "ranks": per_rank, "world_size": env.world_size,
             "bad_files": sorted({f for r in per_rank for f in r["bad_files"]}),
-            "data": self.loader.data_identity() if hasattr(self.loader, "data_identity") else None,
+            # the identity's root is for messages only (the files' sha256 decides): redacted as the
+            # config is; the bad files and each rank's loader state keep their paths as they are,
+            # since a resume must find those files again
+            "data": redact_obj(self.loader.data_identity()) if hasattr(self.loader, "data_identity") else None,
             "config": redact_obj(to_dict(cfg)), "config_hash": config_hash(cfg),
         }
 

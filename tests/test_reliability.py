@@ -329,6 +329,29 @@ def test_secrets_never_reach_files_or_logs(tmp_path):
     assert "https://bob:***@data.invalid/***/train" in (run / "config.yaml").read_text()
 
 
+def test_a_secret_in_a_data_path_is_masked_in_output_and_kept_where_a_resume_needs_it(tmp_path):
+    """A data root under a directory named with a token, and a bad file in it: every line the run
+    prints (the scan's names the root) and config.yaml, summary.json and the checkpoint's config and
+    data identity show `***` (the printed paths and the checkpoint's data identity showed the token);
+    the checkpoint's bad-file list keeps the real path, which a resume must find again."""
+    token = "tok-5e4d3c2b1a09"
+    real = tmp_path / "images"
+    make_jpeg_folder(real)
+    (real / "class_0" / "zz_bad.JPEG").write_bytes(b"not a jpeg")
+    root = tmp_path / f"by_{token}"
+    root.symlink_to(real)
+    run = tmp_path / "r"
+    out = _run(_cmd(*_folder_overrides(root), f"run.dir={run}", "train.stop_at_step=2", "data.max_bad_fraction=0.1"),
+               MY_SERVICE_API_TOKEN=token)
+    assert out.returncode == 0, out.stderr[-3000:]
+    printed = out.stdout + out.stderr
+    assert "by_***" in printed and token not in printed, printed[-3000:]  # the scan's line names the root
+    assert token not in (run / "config.yaml").read_text() + (run / "summary.json").read_text()
+    sd = safe_load(run / "checkpoints/last.pt")
+    assert token not in json.dumps(sd["config"]) + json.dumps(sd["data"])
+    assert sd["bad_files"] == [str(root / "class_0" / "zz_bad.JPEG")]
+
+
 def test_stop_signals_set_the_flag_and_nohup_keeps_sighup_ignored():
     """Every stop signal (dist.STOP_SIGNALS) sets the trainer's flag while it runs and gets its old
     disposition back after; a SIGHUP ignored by the launcher (nohup) stays ignored."""
