@@ -856,7 +856,13 @@ def _cfg_for(config: Optional[str], overrides: List[str], variant: Variant, mode
         extra.append("data.source=synthetic")
     elif s.data is not None:
         extra += ["data.source=folder", f"data.root={s.data}"]
-    return load_config(config, [*overrides, *variant.overrides, *_BENCH_OVERRIDES, *extra])
+    try:
+        return load_config(config, [*overrides, *variant.overrides, *_BENCH_OVERRIDES, *extra])
+    except ConfigError as e:
+        if s.data is None and "needs data.root" in str(e):
+            raise ConfigError(f"--modes {mode} reads images: pass --data DIR (a class folder, e.g. from "
+                              f"`fast-ressl make-bench-data`), or data.root=... ({e})") from None
+        raise
 
 
 def run_bench(config: Optional[str], overrides: List[str], s: BenchSettings,
@@ -996,6 +1002,12 @@ def render_table(report: Dict[str, Any], console) -> None:
             if res is None:
                 continue
             table.add_row(*result_cells(mode, run["variant"], res, ratios))
+    # not a terminal (a log file, `docker logs`, CI): rich's default 80 columns cut the headers and
+    # variant names and wrapped the details one word per line (a 23-row table took 411 lines)
+    if not console.is_terminal:
+        from rich.console import Console
+
+        console = Console(file=console.file, width=max(console.width, 240), highlight=False)
     console.print(table)
 
 

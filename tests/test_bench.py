@@ -155,6 +155,11 @@ def test_step_fast_vs_reference_json(tmp_path):
     for run in saved["runs"]:
         r = run["results"]["step"]
         assert f"{r['ops_per_step']} ({r['bookkeeping_ops']}, {100 * r['bookkeeping_share']:.1f}%)" in text
+    # to a file (not a terminal, rich's default 80 columns): the table is drawn wide, headers whole
+    # (at 80 columns they were cut: "images… (media…", "refere…")
+    out = io.StringIO()
+    bench.render_table(report, Console(file=out))
+    assert "images/s (median)" in out.getvalue() and "| reference " in out.getvalue().replace("│", "|")
 
 
 def test_compiled_networks_are_counted_as_the_step_runs_them(tmp_path, monkeypatch):
@@ -442,6 +447,7 @@ def test_sweep_parsing_and_errors(capsys):
     # bench sets these itself, after the user's overrides: a user's value would be replaced silently
     (["train.log_every=5"], "override 'train.log_every=5': bench sets train.log_every itself"),
     (["eval.knn_every_epochs=1"], "bench sets eval.knn_every_epochs itself"),
+    (["--modes", "loader"], "--modes loader reads images: pass --data DIR"),
 ])
 def test_bench_option_errors_are_one_line_naming_the_option(args, named, capsys):
     """Each an exit code 2 and one `config error:` line, before anything is measured (an unknown mode
