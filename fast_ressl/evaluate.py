@@ -394,9 +394,26 @@ def knn_command(path: str, teacher: bool = False, train_root: Optional[str] = No
             res["raw_pixels_left_out"] = why
     res["wall_s"] = round(time.perf_counter() - t0, 2)
     out_path = Path(out) if out else run_dir_of_checkpoint(ckpt) / "knn.json"
+    replaced = _previous_knn(out_path)
     log.write_json(out_path, res)
-    log.info(_knn_line(res, k, temperature) + f"; written to {out_path}")
+    log.info(_knn_line(res, k, temperature) + f"; written to {out_path}" + (
+        f" (it held {replaced}; --out FILE keeps both)" if replaced else ""))
     return res
+
+
+def _previous_knn(path: Path) -> str:
+    """What a knn.json about to be replaced held ('' if nothing readable): a demo's or a training
+    run's three-way comparison went without a word when `fast-ressl knn RUN` wrote its own (found by
+    a README walkthrough)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return ""
+    held = [key for key in ("pretrained", "random_init", "raw_pixels") if isinstance(old, dict) and key in old]
+    if not held:
+        return ""
+    at = f" at step {old['step']}" if "step" in old else ""
+    return f"{', '.join(held)}{at}"
 
 
 def _knn_line(res: dict, k: int, temperature: float) -> str:

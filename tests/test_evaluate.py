@@ -172,7 +172,10 @@ def test_knn_baselines_within_memory_bounds(tmp_path, monkeypatch, capsys):
         assert again[key] == kept[key], key
     assert "raw_pixels" in kept and "raw_pixels" not in again
     assert again["raw_pixels_left_out"].startswith("36 images x 3072 floats")
-    assert "raw pixels left out: 36 images" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "raw pixels left out: 36 images" in out
+    # the knn.json it replaced is named (a run's three-way comparison went without a word)
+    assert "(it held pretrained, random_init, raw_pixels; --out FILE keeps both)" in out
 
 
 def test_linear_probe_learns_separable_features(tmp_path):
