@@ -865,6 +865,18 @@ def _cfg_for(config: Optional[str], overrides: List[str], variant: Variant, mode
         raise
 
 
+def _resolved(cfg: Config) -> Dict[str, Any]:
+    """The config as a run on this machine uses it (train.precision=auto made concrete)."""
+    import torch
+
+    from .train import resolve_precision
+
+    c = copy.deepcopy(cfg)
+    cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
+    resolve_precision(c, torch.device("cuda" if cuda else "cpu"))
+    return to_dict(c)
+
+
 def run_bench(config: Optional[str], overrides: List[str], s: BenchSettings,
               argv: Optional[List[str]] = None, console=None) -> Dict[str, Any]:
     """Measure every (variant, mode); returns (and writes to s.out) the JSON report."""
@@ -912,6 +924,13 @@ def run_bench(config: Optional[str], overrides: List[str], s: BenchSettings,
             if mode != "step" and cfg.data.source == "synthetic":
                 run["results"][mode] = {"skipped": "data.source=synthetic: pass --data DIR "
                                                    "(see `fast-ressl make-bench-data`)"}
+                continue
+            if v.name.startswith("no_") and _resolved(cfg) == _resolved(
+                    _cfg_for(config, overrides, Variant("fast", []), mode, s)):
+                # e.g. no_amp on a CPU, where train.precision=auto is fp32 already: measuring it
+                # again compared the fast config with itself, noise read as a difference
+                run["results"][mode] = {"skipped": "the same config as fast on this machine "
+                                                   f"({' '.join(v.overrides)} changes nothing here)"}
                 continue
             _say(console, f"[bold]{v.name}[/] {mode} ...")
             t_mode = time.perf_counter()

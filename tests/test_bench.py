@@ -187,7 +187,8 @@ def test_loader_and_e2e_with_ablation(tmp_path, bench_data):
     out = tmp_path / "b.json"
     s = bench.BenchSettings(modes=["loader", "e2e"], variants=["fast", "reference"], ablate=["amp", "augment"],
                             data=str(root), out=str(out), **FAST)
-    report = bench.run_bench(None, TINY, s)
+    # bf16 asked for: on this CPU train.precision=auto is fp32 already, and no_amp would be skipped
+    report = bench.run_bench(None, TINY + ["train.precision=bf16"], s)
     _check_schema(json.loads(out.read_text()), ["loader", "e2e"], ["fast", "reference", "no_amp", "no_augment"])
     by = {r["variant"]: r for r in report["runs"]}
     assert by["fast"]["results"]["loader"]["loader"] == "dali"
@@ -232,6 +233,17 @@ def test_loader_cadence_takes_the_stock_in_flight_and_whole_worker_rounds():
     assert loader.in_flight_batches == 12
     loader.num_workers = 0  # batches made in the main process, on demand
     assert (loader.in_flight_batches, loader.cycle_batches) == (0, 1)
+
+
+def test_an_ablation_that_changes_nothing_here_is_skipped_saying_so(tmp_path):
+    """--ablate amp on a CPU, where train.precision=auto is fp32 already: no_amp is the fast config
+    itself, so it is not measured again (its figure beside fast's was noise read as a difference)."""
+    s = bench.BenchSettings(modes=["step"], variants=["fast"], ablate=["amp"], out=None, **FAST)
+    report = bench.run_bench(None, TINY, s)
+    no_amp = report["runs"][1]["results"]["step"]
+    assert no_amp == {"skipped": "the same config as fast on this machine (train.precision=fp32 changes "
+                                 "nothing here)"}
+    assert "median" in report["runs"][0]["results"]["step"]
 
 
 def test_reference_ema_matches_foreach():
