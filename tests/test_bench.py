@@ -418,24 +418,26 @@ def test_a_grid_without_the_fast_preset_compares_with_its_own_fast_point(tmp_pat
 
 
 def test_a_failed_measurement_is_recorded_and_the_others_still_run(tmp_path, capsys):
-    """A measurement that raises (here a sweep point naming a backbone timm does not have; on a GPU
-    machine, say, the reference's torch loader refused for want of /dev/shm) used to end the bench,
-    losing every later measurement; now its error is in the JSON and the table, the rest run, and
-    the exit status is 1."""
+    """A measurement that raises (here a sweep point whose network cannot be built: an EfficientNet
+    has no zero-init-last option; on a GPU machine, say, the reference's torch loader refused for
+    want of /dev/shm) used to end the bench, losing every later measurement; now its error is in the
+    JSON and the table, the rest run, and the exit status is 1. (A backbone timm does not have is a
+    config error before anything is measured.)"""
     out = tmp_path / "bench.json"
-    rc = main(["bench", "-", *TINY, "preset=fast", "--modes", "step", "--warmup", "1", "--iters", "1",
-               "--repeats", "2", "--out", str(out), "--sweep", "model.backbone=no_such_net,test_resnet"])
+    rc = main(["bench", "-", *TINY, "model.zero_init_last=true", "preset=fast", "--modes", "step", "--warmup", "1",
+               "--iters", "1", "--repeats", "2", "--out", str(out),
+               "--sweep", "model.backbone=test_efficientnet,test_resnet"])
     assert rc == 1
     report = json.loads(out.read_text())
-    assert report["complete"] is True and report["failed"] == ["model.backbone=no_such_net step"]
+    assert report["complete"] is True and report["failed"] == ["model.backbone=test_efficientnet step"]
     by = {r["variant"]: r["results"]["step"] for r in report["runs"]}
-    assert list(by) == ["fast", "model.backbone=no_such_net", "model.backbone=test_resnet"]
-    assert "no_such_net" in by["model.backbone=no_such_net"]["error"]
+    assert list(by) == ["fast", "model.backbone=test_efficientnet", "model.backbone=test_resnet"]
+    assert "zero_init_last" in by["model.backbone=test_efficientnet"]["error"]
     _check_result(by["model.backbone=test_resnet"], "step")  # measured after the failure
     assert report["sweep"]["best"]["step"]["variant"] == "model.backbone=test_resnet"
     text = capsys.readouterr().out
-    assert "FAILED: " in text and "failed: model.backbone=no_such_net step" in text
-    assert "| step | model.backbone=no_such_net | - |" in _render_results().render(report)
+    assert "FAILED: " in text and "failed: model.backbone=test_efficientnet step" in text
+    assert "| step | model.backbone=test_efficientnet | - |" in _render_results().render(report)
 
 
 def test_sweep_parsing_and_errors(capsys):
@@ -460,6 +462,7 @@ def test_sweep_parsing_and_errors(capsys):
     (["train.log_every=5"], "override 'train.log_every=5': bench sets train.log_every itself"),
     (["eval.knn_every_epochs=1"], "bench sets eval.knn_every_epochs itself"),
     (["--modes", "loader"], "--modes loader reads images: pass --data DIR"),
+    (["--modes", "step", "--sweep", "model.backbone=no_such_net,test_resnet"], "model.backbone='no_such_net' is not a timm model"),
 ])
 def test_bench_option_errors_are_one_line_naming_the_option(args, named, capsys):
     """Each an exit code 2 and one `config error:` line, before anything is measured (an unknown mode
