@@ -403,12 +403,14 @@ class DaliTrainLoader(EndlessLoader):
         self.builds.append(("sync", epoch))
 
     def _make(self, epoch: int, checkpoint: Optional[bytes],
-              prepare_first_batch: bool) -> Tuple[object, DALIGenericIterator]:
+              prepare_first_batch: bool, start: Optional[int] = None) -> Tuple[object, DALIGenericIterator]:
         """A built pipeline for `epoch` (from `checkpoint` if given) and its iterator; touches no
         loader state, so it can run on the ahead thread. With prepare_first_batch the iterator runs
         the pipeline to its first batch in its constructor (DALI keeps the checkpoint semantics:
-        `checkpoints()` is the initial one until a batch is consumed)."""
-        start = self.segment_start if epoch == self.epoch else 0
+        `checkpoints()` is the initial one until a batch is consumed). `start`: the epoch's first
+        batch this pipeline reads (default: the current segment's for the current epoch, else 0)."""
+        if start is None:
+            start = self.segment_start if epoch == self.epoch else 0
         seed = _epoch_seed(self.data.seed, epoch, self.rank) if not start else \
             int(np.random.SeedSequence([self.data.seed, epoch, self.rank, start]).generate_state(1)[0] & 0x7FFFFFFF)
         common = dict(batch_size=self.batch_size, num_threads=self.data.num_threads,
@@ -441,7 +443,9 @@ class DaliTrainLoader(EndlessLoader):
     def _start_ahead(self) -> None:
         epoch = self.epoch + 1
         self.builds.append(("ahead", epoch))
-        self._ahead = _Ahead(epoch, lambda: self._make(epoch, None, prepare_first_batch=True))
+        # start=0 given, not read on the side thread: the main thread moves to the next epoch
+        # (epoch, then segment_start) while this build may run
+        self._ahead = _Ahead(epoch, lambda: self._make(epoch, None, prepare_first_batch=True, start=0))
 
     def _drop_ahead(self) -> None:
         if self._ahead is not None:
@@ -477,7 +481,16 @@ class DaliTrainLoader(EndlessLoader):
                     self._pipe, self._iter = ahead.get()
                 except Exception as err:  # noqa: BLE001 - its first batch failed: a bad file?
                     if not self._replace_failed(err):
-                        raise
+                        # no file to blame: the build itself failed on its thread, e.g. out of
+                        # device memory while the old pipeline still held its buffers (they
+                        # coexist there). Build the epoch here instead, the old one closed; a
+                        # failure of that build is the run's error (found in review: one failed
+                        # ahead build ended the run at the epoch boundary, and after a resume at
+                        # the next one again)
+                        print(f"fast-ressl: warning: rank {self.rank}: building epoch {self.epoch}'s "
+                              f"pipeline ahead failed ({type(err).__name__}: {str(err)[:200]}); "
+                              "building it now", file=sys.stderr, flush=True)
+                        self._pipe, self._iter = None, None
                 if not ready:
                     self.ahead_wait_s += time.perf_counter() - t0
         if self._iter is None:

@@ -198,9 +198,9 @@ def test_next_epoch_pipeline_is_built_ahead_not_in_its_first_next(jpeg_folder, m
     built_on = {}  # loader -> [(epoch, built on the main thread?)]
     real_make = DaliTrainLoader._make
 
-    def make(self, epoch, checkpoint, prepare_first_batch):
+    def make(self, epoch, checkpoint, prepare_first_batch, start=None):
         built_on.setdefault(id(self), []).append((epoch, threading.current_thread() is threading.main_thread()))
-        return real_make(self, epoch, checkpoint, prepare_first_batch)
+        return real_make(self, epoch, checkpoint, prepare_first_batch, start)
 
     monkeypatch.setattr(DaliTrainLoader, "_make", make)
     ahead, plain = _loader(jpeg_folder), _loader(jpeg_folder, build_ahead=False)
@@ -239,19 +239,43 @@ def test_no_pipeline_is_built_ahead_for_an_epoch_the_run_never_reaches(jpeg_fold
 
 
 def test_ahead_build_error_surfaces_on_the_epochs_first_batch(jpeg_folder, monkeypatch):
+    """An epoch whose pipeline cannot be built: the ahead build fails, then the build on the
+    boundary, whose error is the run's."""
     L = _loader(jpeg_folder)
     real_make = DaliTrainLoader._make
 
-    def make(self, epoch, checkpoint, prepare_first_batch):
+    def make(self, epoch, checkpoint, prepare_first_batch, start=None):
         if epoch == 1:
             raise RuntimeError("decoder failed for epoch 1")
-        return real_make(self, epoch, checkpoint, prepare_first_batch)
+        return real_make(self, epoch, checkpoint, prepare_first_batch, start)
 
     monkeypatch.setattr(DaliTrainLoader, "_make", make)
     for _ in range(L.steps_per_epoch):
         next(L)  # epoch 0 is unaffected by its successor's failing build
     with pytest.raises(RuntimeError, match="decoder failed for epoch 1"):
         next(L)
+
+
+def test_a_failed_ahead_build_is_built_again_on_the_boundary(jpeg_folder, monkeypatch, capsys):
+    """Only the build ahead fails (on a GPU, say, out of memory while the old pipeline still holds
+    its buffers): the epoch is built on the boundary instead, with the same batches, and a warning
+    says so (a failed ahead build ended the run before)."""
+    want = _loader(jpeg_folder)
+    want_batches = [next(want) for _ in range(2 * want.steps_per_epoch)]
+    L = _loader(jpeg_folder)
+    real_make = DaliTrainLoader._make
+
+    def make(self, epoch, checkpoint, prepare_first_batch, start=None):
+        if prepare_first_batch:  # the ahead thread's build
+            raise RuntimeError("out of memory (test)")
+        return real_make(self, epoch, checkpoint, prepare_first_batch, start)
+
+    monkeypatch.setattr(DaliTrainLoader, "_make", make)
+    got = [next(L) for _ in range(2 * L.steps_per_epoch)]
+    assert_same_batches(got, want_batches)
+    assert ("ahead", 1) in L.builds and ("sync", 1) in L.builds
+    assert "building epoch 1's pipeline ahead failed (RuntimeError: out of memory (test)); building it now" \
+        in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- bad files
