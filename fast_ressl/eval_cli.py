@@ -14,7 +14,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", action="store_true", help="use the teacher (EMA) backbone instead of the student")
     p.add_argument("--train-root", help="training " + _ROOTS)
     p.add_argument("--val-root", help="validation class folders (see --train-root)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="images per batch (default 256); in `linear` also the probe's SGD batch: the "
+                        "recipe's lr 0.3 goes with 256 and --lr is not scaled with it")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--out", help="JSON result file (default: <run dir>/knn.json or linear.json)")
 

@@ -180,14 +180,21 @@ def eval_batches(cfg: Config, ds, device: torch.device, batch_size: int = 256):
                            num_workers=0 if len(ds) <= 4096 else None)
 
 
-def _autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def _autocast(device: torch.device, precision: str):
+    """The backbone's forward in the precision the run trained in (train.precision; auto = bf16 on
+    CUDA): a run trained in fp32, as the official code, is evaluated in fp32. It was bf16 on every
+    GPU whatever the run's precision: ~0.35% off fp32 features (found in review). On the CPU, fp32."""
+    dtype = {"bf16": torch.bfloat16, "auto": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16,
+                          enabled=device.type == "cuda" and dtype is not None)
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, batches, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+def extract_features(backbone: nn.Module, batches, device: torch.device,
+                     precision: str = "fp32") -> Tuple[torch.Tensor, torch.Tensor]:
     """Pooled backbone features (N, D) float32 and labels (N,) int64 of every batch (eval mode; the
-    module's mode is restored). N may be 0: a block whose files were all left out."""
+    module's mode is restored), the forward in `precision` (_autocast). N may be 0: a block whose
+    files were all left out."""
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
@@ -195,7 +202,7 @@ def extract_features(backbone: nn.Module, batches, device: torch.device) -> Tupl
         for x, y in batches:
             x = x.to(device, non_blocking=True)
             x = x.float() if device.type == "cpu" else x
-            with _autocast(device):
+            with _autocast(device, precision):
                 f = backbone(x.contiguous(memory_format=torch.channels_last))
             feats.append(f.float())
             labels.append(y.to(device))
@@ -358,9 +365,9 @@ def _device(name: str) -> torch.device:
 
 # ----------------------------------------------------------------------------- offline kNN
 def knn_eval(backbone: nn.Module, train_batches, val_batches, num_classes: int, device: torch.device,
-             k: int = 200, temperature: float = 0.1) -> Dict[str, float]:
-    tf, tl = extract_features(backbone, train_batches, device)
-    vf, vl = extract_features(backbone, val_batches, device)
+             k: int = 200, temperature: float = 0.1, precision: str = "fp32") -> Dict[str, float]:
+    tf, tl = extract_features(backbone, train_batches, device, precision)
+    vf, vl = extract_features(backbone, val_batches, device, precision)
     return topk_accuracy(knn_classify(tf, tl, vf, num_classes, k, temperature), vl)
 
 
@@ -383,10 +390,10 @@ def knn_command(path: str, teacher: bool = False, train_root: Optional[str] = No
     res: Dict[str, Any] = {"checkpoint": str(ckpt), "weights": which, "backbone": cfg.model.backbone,
                            "k": k, "temperature": temperature, "train_root": tr_root,
                            "val_root": va_root, "train_samples": len(tr_ds), "val_samples": len(va_ds)}
-    res["pretrained"] = knn_eval(backbone, tr, va, num_classes, dev, k, temperature)
+    res["pretrained"] = knn_eval(backbone, tr, va, num_classes, dev, k, temperature, cfg.train.precision)
     if compare_random:
         rnd = build_backbone(cfg, None, seed=cfg.train.seed).to(dev).to(memory_format=torch.channels_last)
-        res["random_init"] = knn_eval(rnd, tr, va, num_classes, dev, k, temperature)
+        res["random_init"] = knn_eval(rnd, tr, va, num_classes, dev, k, temperature, cfg.train.precision)
         why = raw_pixels_left_out(len(tr_ds) + len(va_ds), cfg.data.weak.size)
         if why is None:
             res["raw_pixels"] = raw_pixel_knn(tr, va, num_classes, cfg.data.weak.size, dev, k, temperature)
@@ -444,6 +451,7 @@ class _MonitorData:
     val: Any = None  # ... of the validation set
     num_classes: int = 0
     disabled_reason: Optional[str] = None
+    precision: str = "fp32"  # the run's train.precision: the forward's (_autocast)
 
 
 _MONITOR = _MonitorData()
@@ -514,6 +522,7 @@ def _monitor_data(cfg: Config, env: Any, loader: Any) -> Optional[_MonitorData]:
     d = to_dict(cfg)
     key = json.dumps({"data": d["data"], "eval": d["eval"], "rank": env.rank, "world_size": env.world_size,
                       "device": str(env.device)}, sort_keys=True)  # not id(cfg): ids are reused
+    _MONITOR.precision = cfg.train.precision
     if _MONITOR.key == key:
         return None if _MONITOR.disabled_reason else _MONITOR
     _MONITOR.key, _MONITOR.disabled_reason = None, None
@@ -541,7 +550,8 @@ def _monitor_data(cfg: Config, env: Any, loader: Any) -> Optional[_MonitorData]:
 
 
 @torch.no_grad()
-def gather_features(backbone: nn.Module, batches, env: Any) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+def gather_features(backbone: nn.Module, batches, env: Any,
+                    precision: str = "fp32") -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
     """Features (N, D) float32 and labels (N,) int64 of all ranks' blocks, concatenated in rank order
     on every rank (with contiguous blocks: the order one process extracting everything gives), and the
     images each rank extracted (world_size ints). `batches` is this rank's block (None: empty): an
@@ -554,7 +564,7 @@ def gather_features(backbone: nn.Module, batches, env: Any) -> Tuple[torch.Tenso
     dropped or repeated images without saying so) raises on every rank."""
     from . import dist
 
-    f, y = extract_features(backbone, [] if batches is None else batches, env.device)  # (0, D) if none
+    f, y = extract_features(backbone, [] if batches is None else batches, env.device, precision)  # (0, D) if none
     expected = 0 if batches is None else int(batches.images)
     if not env.distributed:
         pairs = [[f.shape[0], expected]]
@@ -600,8 +610,8 @@ def _monitor_features(backbone: nn.Module, data: _MonitorData, env: Any):
     extracted (world_size ints, train + val)) of `backbone` over all ranks' blocks with rank 0's
     buffers, the same on every rank: what one process extracting the whole subset and val set gets."""
     with _rank0_buffers(backbone, env):
-        tf, tl, tc = gather_features(backbone, data.train, env)
-        vf, vl, vc = gather_features(backbone, data.val, env)
+        tf, tl, tc = gather_features(backbone, data.train, env, data.precision)
+        vf, vl, vc = gather_features(backbone, data.val, env, data.precision)
     return tf, tl, vf, vl, [a + b for a, b in zip(tc, vc)]
 
 
@@ -713,10 +723,11 @@ def linear_probe(backbone: nn.Module, cfg: Config, train_ds, val_ds, device: tor
     torch.manual_seed(seed)
     num_classes = len(train_ds.classes)
     backbone.eval().requires_grad_(False)
-    val_f, val_y = extract_features(backbone, eval_batches(cfg, val_ds, device, batch_size), device)
+    prec = cfg.train.precision
+    val_f, val_y = extract_features(backbone, eval_batches(cfg, val_ds, device, batch_size), device, prec)
     cached = None
     if not augment:  # center-crop features once: a fast probe for small data and tests
-        cached = extract_features(backbone, eval_batches(cfg, train_ds, device, batch_size), device)
+        cached = extract_features(backbone, eval_batches(cfg, train_ds, device, batch_size), device, prec)
         train_iter = None
     else:
         train_iter = _TrainBatches(cfg, train_ds, cfg.data.weak.size, batch_size, seed)
@@ -724,7 +735,9 @@ def linear_probe(backbone: nn.Module, cfg: Config, train_ds, val_ds, device: tor
     nn.init.normal_(fc.weight, 0.0, 0.01)
     nn.init.zeros_(fc.bias)
     opt = torch.optim.SGD(fc.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    n_train = len(train_ds)
+    # the cached features' count, not the dataset's: a file that fails to decode after the scan is
+    # left out of them, and indexing past them crashed (found in review)
+    n_train = int(cached[0].shape[0]) if cached is not None else len(train_ds)
     steps_per_epoch = max(1, math.ceil(n_train / batch_size))
     total = epochs * steps_per_epoch
     step = 0
@@ -735,7 +748,7 @@ def linear_probe(backbone: nn.Module, cfg: Config, train_ds, val_ds, device: tor
             batches = ((cached[0][perm[i:i + batch_size]], cached[1][perm[i:i + batch_size]])
                        for i in range(0, n_train, batch_size))
         else:
-            batches = _feature_stream(backbone, train_iter, device)
+            batches = _feature_stream(backbone, train_iter, device, prec)
         loss_sum, seen = 0.0, 0
         for f, y in batches:
             for group in opt.param_groups:  # cosine over iterations, no warm-up
@@ -760,10 +773,10 @@ def linear_probe(backbone: nn.Module, cfg: Config, train_ds, val_ds, device: tor
             "train_files_left_out": train_iter.left_out if train_iter is not None else []}
 
 
-def _feature_stream(backbone: nn.Module, loader, device: torch.device):
+def _feature_stream(backbone: nn.Module, loader, device: torch.device, precision: str):
     for x, y in loader:
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), _autocast(device):
+        with torch.no_grad(), _autocast(device, precision):
             f = backbone(x)
         yield f.float(), y.to(device)
 

@@ -219,6 +219,11 @@ def test_linear_probe_leaves_out_a_train_file_gone_bad_since_the_scan(tmp_path, 
     assert res["history"][-1]["epoch"] == 3 and res["train_files_left_out"] == [victim]
     assert net.seen == 12 + 3 * 23  # the val features once, then 23 of 24 train images per epoch
     assert capsys.readouterr().err.count("failed to decode in the eval pass") == 1
+    # --no-augment: the train features are cached once, without the file (indexing them as if all
+    # 24 were there crashed: IndexError here, a device-side assert on a GPU)
+    res = E.linear_probe(_ColourNet(), cfg, train_ds, val_ds, torch.device("cpu"), epochs=2, batch_size=8,
+                         augment=False, log_every_epochs=2)
+    assert res["history"][-1]["epoch"] == 2
 
 
 def test_probe_batches_with_workers_leave_a_bad_file_out_of_later_epochs(tmp_path, capsys):
@@ -396,3 +401,20 @@ def test_eval_keys_are_validated_and_do_not_change_the_run_hash():
     assert config_hash(base) == config_hash(load_config(None, syn + ["eval.knn_every_epochs=3", "eval.knn_k=20"]))
     with pytest.raises(ConfigError, match="eval.knn_k"):
         load_config(None, syn + ["eval.knn_k=0"])
+
+
+def test_features_are_computed_in_the_precision_the_run_trained_in():
+    """kNN, the monitor and the linear probe forward the backbone in the run's train.precision on a
+    GPU: fp32 for an fp32 run (the official code's), bf16 or fp16 under autocast. It was bf16 on
+    every GPU (~0.35% off fp32 features for an fp32 run; found in review). (The autocast objects
+    alone: this machine has no GPU, where torch disables a CUDA autocast with a warning.)"""
+    import warnings
+
+    cuda = torch.device("cuda")
+    assert E._autocast(cuda, "fp32")._enabled is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available": the dtype is chosen all the same
+        assert E._autocast(cuda, "bf16").fast_dtype == torch.bfloat16
+        assert E._autocast(cuda, "auto").fast_dtype == torch.bfloat16
+        assert E._autocast(cuda, "fp16").fast_dtype == torch.float16
+    assert E._autocast(torch.device("cpu"), "bf16")._enabled is False  # CPU: fp32
