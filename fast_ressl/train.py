@@ -236,7 +236,7 @@ class State:
         self.student.load_state_dict(sd["student"])
         self.teacher.load_state_dict(sd["teacher"])
         self.queue.load_state_dict(sd["queue"])
-        self.optimizer.load_state_dict(sd["optimizer"])
+        self._load_optimizer(sd["optimizer"])
         if sd["scaler"] or not self.scaler.is_enabled():
             self.scaler.load_state_dict(sd["scaler"])  # (a disabled scaler ignores what it is given)
         else:  # an fp32/bf16 run (no loss scaling: its scaler saved {}) resumed with fp16: torch refuses {}
@@ -252,6 +252,25 @@ class State:
         mine = sd["ranks"][env.rank]
         self.loader.load_state_dict(mine["loader"])
         _set_rng_state(mine["rng"], env.device)
+
+
+    def _load_optimizer(self, saved: dict) -> None:
+        """The checkpoint's optimizer state (momentum buffers, Adam moments, step counts) with this
+        run's hyper-parameters: torch's load_state_dict also restores every param group's settings,
+        so a resume with a changed optim.weight_decay, momentum or fused (--allow-config-change)
+        kept the old values without a word while the log named the change, and fused false -> true
+        crashed at the first step (the guard hands a fused optimizer found_inf, the restored groups
+        were not fused; found in review). lr is the schedule's, set every step."""
+        current = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        sizes = [len(g["params"]) for g in self.optimizer.param_groups]
+        if sizes != [len(g["params"]) for g in saved["param_groups"]]:
+            raise ConfigMismatch(
+                f"the optimizer's parameter groups changed (sizes {[len(g['params']) for g in saved['param_groups']]} "
+                f"-> {sizes}: optim.weight_decay_filter or the model): its state cannot be carried over; use a new "
+                "run.name, or the checkpoint's settings")
+        self.optimizer.load_state_dict(saved)
+        for group, mine in zip(self.optimizer.param_groups, current):
+            group.update(mine)
 
 
 def _rng_state(device: torch.device) -> dict:

@@ -100,6 +100,37 @@ def test_resume_with_changed_config_is_refused(tmp_path):
     assert again == summary == json.loads((run / "summary.json").read_text())
 
 
+def test_resume_with_changed_optimizer_settings_trains_with_the_new_ones(tmp_path, monkeypatch):
+    """--allow-config-change with optim.weight_decay, optim.momentum and optim.fused changed: the
+    optimizer's state carries over and its settings are the new config's. torch's load_state_dict
+    restored the old ones into every param group (the log named the change, the run kept the old
+    values), and fused false -> true crashed at the first step (found in review). A change of the
+    parameter groups themselves (optim.weight_decay_filter) is refused, naming it."""
+    from fast_ressl import train as T
+
+    run = tmp_path / "run"
+    train(_cfg(run, "optim.fused=false", "optim.weight_decay=1e-4", "train.stop_at_step=2"), live=False)
+    seen = {}
+    real = T.State._load_optimizer
+
+    def spy(self, saved):
+        real(self, saved)
+        seen["groups"] = [{k: g[k] for k in ("weight_decay", "momentum", "fused")} for g in self.optimizer.param_groups]
+        seen["state"] = len(self.optimizer.state)
+
+    monkeypatch.setattr(T.State, "_load_optimizer", spy)
+    new = ("optim.fused=true", "optim.weight_decay=5e-4", "optim.momentum=0.8")
+    summary = train(_cfg(run, *new), allow_config_change=True, live=False)
+    assert summary["status"] == "completed" and summary["step"] == 8
+    assert seen["state"] > 0  # the momentum buffers came over
+    assert {(g["momentum"], g["fused"]) for g in seen["groups"]} == {(0.8, True)}
+    assert {g["weight_decay"] for g in seen["groups"]} <= {5e-4, 0.0}  # decayed and not-decayed groups
+    monkeypatch.undo()
+    with pytest.raises(ConfigMismatch, match="parameter groups changed"):
+        train(_cfg(run, *new, "optim.weight_decay_filter=none", "train.epochs=3"), allow_config_change=True,
+              live=False)
+
+
 @pytest.mark.parametrize("before,after", [("fp32", "fp16"), ("fp16", "bf16")])
 def test_resume_across_loss_scaling_with_allow_config_change(tmp_path, capsys, before, after):
     """A run without loss scaling (fp32/bf16: its GradScaler is disabled and saves {}) resumed with
