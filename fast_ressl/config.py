@@ -387,6 +387,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         check(d.file_list is not None, "data.source=filelist needs data.file_list")
     check(cfg.model.bn_group_size >= 0, "model.bn_group_size must be >= 0 (0 = the whole per-rank batch)")
     if cfg.model.bn_group_size:
+        # SyncBatchNorm normalises the teacher over the whole global batch: it replaced the grouped
+        # BN layers and dropped the groups without a word (the student kept them; found in review)
+        check(cfg.model.teacher_bn != "sync",
+              f"model.teacher_bn=sync normalises the teacher over the global batch, model.bn_group_size="
+              f"{cfg.model.bn_group_size} over groups: set model.bn_group_size=0 for sync, or teacher_bn "
+              "shuffle/local/auto for groups")
         per_rank = t.batch_size // world_size
         # a per-rank batch no larger than the group is one group (plain BN): 8 GPUs x 32 with 32
         check(per_rank <= cfg.model.bn_group_size or per_rank % cfg.model.bn_group_size == 0,

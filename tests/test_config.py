@@ -68,6 +68,8 @@ def test_invariants_name_the_keys():
         load_config(None, ["data.source=synthetic", "train.precision=fp8"])
     with pytest.raises(ConfigError, match="data.root"):
         load_config(None, ["data.source=folder"])
+    with pytest.raises(ConfigError, match="model.teacher_bn=sync .* model.bn_group_size=32"):
+        load_config(None, ["data.source=synthetic", "model.teacher_bn=sync", "model.bn_group_size=32"])
     with pytest.raises(ConfigError, match=r"data.strong\[0\]"):
         load_config(None, ["data.source=synthetic", "data.strong=[{size: 32, scale_min: 0.9, scale_max: 0.5}]"])
     with pytest.raises(ConfigError, match="data.augment.blur_p"):
