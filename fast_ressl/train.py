@@ -538,9 +538,13 @@ def _train_locked(cfg: Config, env: Env, allow_config_change: bool, live: Option
           f"lr {base_lr:.4g} (= {cfg.optim.lr} per 256 x {cfg.train.batch_size}/256), {optim_desc}, "
           f"teacher BN {bn_policy}; {steps_per_epoch} steps/epoch, {total_steps} steps; run dir {run_dir}"
           + (f"; resumed from {resumed} at step {state.step}" if resumed else ""))
-    if state.step >= end_step:
+    summary_path = run_dir / "summary.json"
+    # a run stopped by a signal on its last step has all its steps, but not its last epoch's kNN
+    # check nor a completed summary (it stayed "preempted" for good; found in review): both below
+    stopped_at_the_end = (state.step >= total_steps and summary_path.exists()
+                          and json.loads(summary_path.read_text()).get("status") == "preempted")
+    if state.step >= end_step and not stopped_at_the_end:
         _info(env, f"nothing to do: the run is at step {state.step} (stops at {end_step})")
-        summary_path = run_dir / "summary.json"
         if summary_path.exists():  # keep the finished run's summary instead of overwriting it
             return json.loads(summary_path.read_text())
         return _finish(cfg, state, run_dir, total_steps, None, env)
@@ -551,6 +555,10 @@ def _train_locked(cfg: Config, env: Env, allow_config_change: bool, live: Option
         loss_fn = build_loss_fn(cfg, env.rank, cfg.train.batch_size // env.world_size)
         loop = Loop(cfg, env, state, loss_fn, bn_policy, steps_per_epoch, total_steps, base_lr, ckpts, meter,
                     stop_flag)
+        if resumed and state.step and state.step % steps_per_epoch == 0:
+            # a checkpoint at an epoch boundary is written before that epoch's kNN check: a stop
+            # signal (or a kill) there skipped it, and the resumed run starts after it
+            knn_monitor(cfg, env, state, meter, state.step // steps_per_epoch, total_steps // steps_per_epoch)
         loop.run(end_step)
     finally:
         meter.close()

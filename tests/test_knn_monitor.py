@@ -165,3 +165,38 @@ def test_custom_denylist_is_reused_not_rescanned(tmp_path, monkeypatch):
     E.knn_command(str(run), k=5, device="cpu")  # the offline kNN reads the custom denylist too
     assert not (train / DENYLIST_NAME).exists() and not (cache / "fast_ressl").exists()
     assert json.loads((run / "knn.json").read_text())["train_samples"] == 24
+
+
+def test_a_stop_at_an_epoch_boundary_runs_that_epochs_knn_check_on_resume(tmp_path, monkeypatch):
+    """A stop signal seen at an epoch's last step: the checkpoint is written before that epoch's kNN
+    check, and the run exits without it. Resumed, the run starts after that step: the check used to
+    be skipped for good, and on the run's last step the run stayed "preempted" with no knn.json.
+    Now the resume runs it first; at the last step it then finishes the run as completed. (The
+    signal is the stop decision itself, made true at step 6: a real signal cannot be timed to a
+    step.)"""
+    from fast_ressl import dist
+    from fast_ressl import train as T
+
+    train, val = _data(tmp_path)
+    run = tmp_path / "run"
+    cfg = load_config(None, _overrides(train, val, run, **{"train.epochs": 2,  # 3 steps/epoch, 6 steps
+                                                           "eval.knn_compare_random": "true"}))
+    steps = []
+    real_any_flag = dist.any_flag
+
+    def flag_at_the_end(flag, env):  # the loop's stop decision, once per step
+        steps.append(None)
+        return real_any_flag(flag, env) or len(steps) == 6
+
+    monkeypatch.setattr(dist, "any_flag", flag_at_the_end)
+    try:
+        T.train(cfg, live=False)
+        raise AssertionError("no stop")
+    except T.Preempted:
+        pass
+    monkeypatch.undo()
+    assert json.loads((run / "summary.json").read_text())["status"] == "preempted"
+    assert [r["epoch"] for r in _knn_records(run)] == [0] and not (run / "knn.json").exists()
+    summary = T.train(cfg, live=False)
+    assert summary["status"] == "completed" and summary["step"] == 6
+    assert [r["epoch"] for r in _knn_records(run)] == [0, 1] and (run / "knn.json").exists()
