@@ -29,9 +29,9 @@ budget_left_s minus ~100 s):
   tune_e2e  the last model end to end over DALI threads x hw_decoder_load (--tune-e2e; default
             4/8/12 x 0.65/0.95): where the loader slows the step beside it, the loader alone is the
             wrong thing to tune
-  tune_loader  the loader alone (fast preset) over a grid of DALI settings (`bench --sweep`,
-            --tune; default prefetch depth 1/2/3 x hw_decoder_load 0/0.65/0.95 at the run's threads,
-            which tune_e2e sweeps end to end)
+  tune_loader  the loader alone over a grid of DALI settings (`bench --sweep`, --tune; default
+            prefetch depth 1/2/3 x hw_decoder_load 0/0.65/0.95 at the run's threads, which tune_e2e
+            sweeps end to end), vs the grid's point at the bench's settings
   ddp       the first model's fast step under DDP: torchrun with one rank and
             FAST_RESSL_DDP_ONE_RANK=1 (an NCCL process group of one; NCCL refuses two ranks on one
             GPU), vs the plain fast step of its bench: what a multi-GPU run's machinery costs per
