@@ -253,7 +253,6 @@ class State:
         self.loader.load_state_dict(mine["loader"])
         _set_rng_state(mine["rng"], env.device)
 
-
     def _load_optimizer(self, saved: dict) -> None:
         """The checkpoint's optimizer state (momentum buffers, Adam moments, step counts) with this
         run's hyper-parameters: torch's load_state_dict also restores every param group's settings,
