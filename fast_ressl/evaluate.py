@@ -184,9 +184,22 @@ def _autocast(device: torch.device, precision: str):
     """The backbone's forward in the precision the run trained in (train.precision; auto = bf16 on
     CUDA): a run trained in fp32, as the official code, is evaluated in fp32. It was bf16 on every
     GPU whatever the run's precision: ~0.35% off fp32 features (found in review). On the CPU, fp32."""
-    dtype = {"bf16": torch.bfloat16, "auto": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = _AUTOCAST.get(precision)
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16,
                           enabled=device.type == "cuda" and dtype is not None)
+
+
+_AUTOCAST = {"bf16": torch.bfloat16, "auto": torch.bfloat16, "fp16": torch.float16}
+
+
+def _eval_input(x: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+    """The loader's batch (data.dtype: fp16 by default) as the backbone takes it: as it is under
+    autocast, float32 where the forward runs in fp32 (the CPU, an fp32 run on a GPU: a half input
+    to fp32 weights is an error there)."""
+    x = x.to(device, non_blocking=True)
+    if (device.type != "cuda" or precision not in _AUTOCAST) and x.dtype != torch.float32:
+        x = x.float()
+    return x
 
 
 @torch.no_grad()
@@ -200,8 +213,7 @@ def extract_features(backbone: nn.Module, batches, device: torch.device,
     feats, labels = [], []
     try:
         for x, y in batches:
-            x = x.to(device, non_blocking=True)
-            x = x.float() if device.type == "cpu" else x
+            x = _eval_input(x, device, precision)
             with _autocast(device, precision):
                 f = backbone(x.contiguous(memory_format=torch.channels_last))
             feats.append(f.float())
@@ -775,7 +787,7 @@ def linear_probe(backbone: nn.Module, cfg: Config, train_ds, val_ds, device: tor
 
 def _feature_stream(backbone: nn.Module, loader, device: torch.device, precision: str):
     for x, y in loader:
-        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        x = _eval_input(x, device, precision).contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), _autocast(device, precision):
             f = backbone(x)
         yield f.float(), y.to(device)

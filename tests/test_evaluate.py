@@ -418,3 +418,18 @@ def test_features_are_computed_in_the_precision_the_run_trained_in():
         assert E._autocast(cuda, "auto").fast_dtype == torch.bfloat16
         assert E._autocast(cuda, "fp16").fast_dtype == torch.float16
     assert E._autocast(torch.device("cpu"), "bf16")._enabled is False  # CPU: fp32
+    # the loader's fp16 batch goes to an fp32 forward as float32 (fp16 into fp32 weights is an error)
+    half = torch.zeros(2, 3, 4, 4, dtype=torch.float16)
+    assert E._eval_input(half, torch.device("cpu"), "bf16").dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_gpu_features_of_fp16_batches_in_each_precision(precision):
+    """On a GPU the eval loaders hand over fp16 batches (data.dtype): an fp32 run's forward (no
+    autocast) takes them as float32, a bf16/fp16 run's under autocast."""
+    dev = torch.device("cuda")
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).to(dev)
+    batches = [(torch.randn(2, 3, 8, 8, dtype=torch.float16), torch.tensor([0, 1]))]
+    f, y = E.extract_features(net, batches, dev, precision)
+    assert f.shape == (2, 4) and f.dtype == torch.float32 and torch.isfinite(f).all()
