@@ -231,7 +231,7 @@ def reference_ema_(teacher_params: List[torch.Tensor], student_params: List[torc
     float). `enabled` (the loop's device-side "loss was finite" flag, when it passes one) keeps the
     teacher unchanged without a host sync: m becomes a device tensor, and its 1 - m is taken once
     per step, not per parameter (that was one op per parameter more than the original issues:
-    161 of the reference ResNet-50 step's bookkeeping ops, found in review)."""
+    an rsub per parameter, 163 in the reference ResNet-50 step; found in review)."""
     import torch
 
     w = 1.0 - m
