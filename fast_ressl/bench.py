@@ -588,13 +588,9 @@ def loader_cadence(loader: Any, warmup: int, iters: int) -> Tuple[int, int]:
 def _window_seconds(seconds: float, env: Any) -> float:
     """A timed window's length as the run sees it: the slowest rank's (a training step waits for
     every rank's batch), so that N ranks report the global images/s as step and e2e do."""
-    if not env.distributed:
-        return seconds
-    import torch
+    from . import dist
 
-    t = torch.tensor([seconds], dtype=torch.float64)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=env.ctrl_group)
-    return float(t.item())
+    return max(dist.gather_objects(seconds, env))  # over the gloo control group; [seconds] alone
 
 
 def bench_loader(cfg: Config, s: BenchSettings, variant: Optional[Variant] = None) -> Dict[str, Any]:

@@ -157,7 +157,8 @@ def any_flag(flag: bool, env: Env) -> bool:
 
 
 def gather_objects(obj: Any, env: Env) -> List[Any]:
-    """Every rank's picklable object, in rank order, on every rank (checkpoint time only)."""
+    """Every rank's picklable object, in rank order, on every rank (over the gloo control group:
+    host-side, never inside a timed or hot step)."""
     if not env.distributed:
         return [obj]
     out: List[Optional[Any]] = [None] * env.world_size
