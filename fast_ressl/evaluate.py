@@ -196,10 +196,9 @@ def _eval_input(x: torch.Tensor, device: torch.device, precision: str) -> torch.
     """The loader's batch (data.dtype: fp16 by default) as the backbone takes it: as it is under
     autocast, float32 where the forward runs in fp32 (the CPU, an fp32 run on a GPU: a half input
     to fp32 weights is an error there)."""
-    x = x.to(device, non_blocking=True)
-    if (device.type != "cuda" or precision not in _AUTOCAST) and x.dtype != torch.float32:
-        x = x.float()
-    return x
+    from .train import _prep  # the training step's own hand-over (train imports this module)
+
+    return _prep(x, device, fp32=device.type != "cuda" or precision not in _AUTOCAST, cl=True)
 
 
 @torch.no_grad()
@@ -215,7 +214,7 @@ def extract_features(backbone: nn.Module, batches, device: torch.device,
         for x, y in batches:
             x = _eval_input(x, device, precision)
             with _autocast(device, precision):
-                f = backbone(x.contiguous(memory_format=torch.channels_last))
+                f = backbone(x)
             feats.append(f.float())
             labels.append(y.to(device))
     finally:
@@ -787,7 +786,7 @@ def linear_probe(backbone: nn.Module, cfg: Config, train_ds, val_ds, device: tor
 
 def _feature_stream(backbone: nn.Module, loader, device: torch.device, precision: str):
     for x, y in loader:
-        x = _eval_input(x, device, precision).contiguous(memory_format=torch.channels_last)
+        x = _eval_input(x, device, precision)
         with torch.no_grad(), _autocast(device, precision):
             f = backbone(x)
         yield f.float(), y.to(device)

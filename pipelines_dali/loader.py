@@ -320,7 +320,6 @@ class DaliTrainLoader(EndlessLoader):
         # Start the next epoch's build once the current pipeline has all of its epoch's remaining
         # batches scheduled: DALIGenericIterator keeps prefetch_queue_depth runs in flight.
         self.ahead_batches = max(1, int(self.data.prefetch_queue_depth))
-        self.in_flight_batches = self.ahead_batches  # what a benchmark's warm-up takes at least
         self._ahead: Optional[_Ahead] = None
         self.end_epoch: Optional[int] = None  # end_at(): no epoch from this one on is built ahead
         self.builds: List[Tuple[str, int]] = []
@@ -328,6 +327,12 @@ class DaliTrainLoader(EndlessLoader):
         # files that failed mid-run: {path: reason}; each is replaced inside its batch from then on
         self.midrun_bad: Dict[str, str] = {}
         self.segment_start = 0  # first batch of `epoch` that the current pipeline reads
+
+    @property
+    def in_flight_batches(self) -> int:
+        """Batches scheduled ahead of the consumer (DALI's prefetch depth): what a benchmark's
+        warm-up takes at least (bench.loader_cadence)."""
+        return self.ahead_batches
 
     # ------------------------------------------------------------------ pipelines
     def epoch_files(self, epoch: int) -> tuple[List[str], List[int]]:
